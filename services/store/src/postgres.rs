@@ -1,0 +1,390 @@
+//! The PostgreSQL event store: for many API and worker replicas.
+//!
+//! Every append updates the single row of `kiln_log_head` to take its positions. That row lock
+//! is held until commit, so appends commit one after another in position order: a reader can
+//! never observe position N+1 while N is still in flight, which is the trap with plain
+//! sequences (a later transaction commits first and a tailing reader moves past the gap).
+//! The stream's version is read after the lock is taken, so it is always current. Appends
+//! `NOTIFY kiln_events` with their last position; one `LISTEN` connection per process raises the
+//! head watch that subscribers wait on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kiln_proto::{
+    Actor, EventId, EventMetadata, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, TraceParent,
+};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use uuid::Uuid;
+
+use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
+use crate::{AppendResult, ExpectedVersion, Result, StoreError};
+
+const CHANNEL: &str = "kiln_events";
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// The last committed position known to this process; raised by appends and by NOTIFY.
+    head: Arc<watch::Sender<Position>>,
+    /// Stops the LISTEN task; cancelled by `close` or when the last handle is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: Arc<DropGuard>,
+}
+
+impl PgStore {
+    pub async fn open(options: &StoreOptions) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(2))
+            .acquire_timeout(options.busy_timeout)
+            .connect(&options.database_url)
+            .await?;
+        let stop = CancellationToken::new();
+        let store = Self {
+            pool,
+            head: Arc::new(watch::Sender::new(Position::START)),
+            _stop_on_drop: Arc::new(stop.clone().drop_guard()),
+            stop,
+        };
+        store.spawn_listener().await?;
+        Ok(store)
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.stop.cancel();
+        self.pool.close().await;
+    }
+
+    /// Re-reads the head from the database (after migrations or a lost LISTEN connection).
+    pub(crate) async fn refresh_head(&self) -> Result<()> {
+        match self.head().await {
+            Ok(head) => advance_head(&self.head, head),
+            // Before migrations there is no head table yet; the head is 0.
+            Err(StoreError::Database(sqlx::Error::Database(e))) if e.code().as_deref() == Some("42P01") => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Listens for appends from every process, until the last handle to this store is dropped
+    /// or the store is closed.
+    async fn spawn_listener(&self) -> Result<()> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        self.refresh_head().await?;
+        let head = Arc::downgrade(&self.head);
+        let pool = self.pool.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = listener.try_recv() => r,
+                };
+                let Some(head) = head.upgrade() else { break };
+                match received {
+                    Ok(Some(n)) => {
+                        if let Ok(p) = n.payload().parse::<u64>() {
+                            advance_head(&head, Position(p));
+                        }
+                    }
+                    // The connection was lost and re-established: notifications may be lost.
+                    Ok(None) => {
+                        if let Ok(p) =
+                            sqlx::query_scalar::<_, i64>("SELECT position FROM kiln_log_head").fetch_one(&pool).await
+                        {
+                            advance_head(&head, Position(p as u64));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        check_append(stream, &events)?;
+        let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
+        match self.try_append(stream, expected, &events, payloads).await {
+            Err(StoreError::Database(e)) if StoreError::is_unique_violation(&e) => {
+                // A concurrent retry of this very append won, or a later event id is stored.
+                match self.already_stored(stream, &events).await? {
+                    Some(done) => Ok(done),
+                    None => Err(self.duplicate_error(&events).await?),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn try_append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        payloads: Vec<String>,
+    ) -> Result<AppendResult> {
+        if let Some(done) = self.already_stored(stream, events).await? {
+            return Ok(done);
+        }
+        let n = events.len() as i64;
+        let mut tx = self.pool.begin().await?;
+        let last: i64 =
+            sqlx::query_scalar("UPDATE kiln_log_head SET position = position + $1 WHERE id = 1 RETURNING position")
+                .bind(n)
+                .fetch_one(&mut *tx)
+                .await?;
+        let actual: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = $1")
+                .bind(stream.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+        let actual = actual.map(|v| StreamVersion(v as u64));
+        if !expected.admits(actual) {
+            return Err(StoreError::WrongExpectedVersion { stream: stream.clone(), expected, actual });
+        }
+        let first = last - n + 1;
+        let base_version = actual.map_or(0, |v| v.0 as i64);
+        let mut cols = Columns::with_capacity(events.len());
+        for (i, (e, payload)) in events.iter().zip(payloads).enumerate() {
+            cols.push(first + i as i64, base_version + i as i64 + 1, e, payload);
+        }
+        sqlx::query(
+            "WITH ins AS (
+                INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type,
+                    schema_version, occurred_at, actor, correlation_id, causation_id, traceparent, payload)
+                SELECT p, id, $3, v, t, sv, o, a, c, ca, tp, pl::jsonb
+                FROM UNNEST($1::bigint[], $2::uuid[], $4::bigint[], $5::text[], $6::smallint[],
+                            $7::timestamptz[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::text[])
+                     AS u(p, id, v, t, sv, o, a, c, ca, tp, pl)
+             )
+             SELECT pg_notify($13, $14)",
+        )
+        .bind(cols.position)
+        .bind(cols.event_id)
+        .bind(stream.as_str())
+        .bind(cols.version)
+        .bind(cols.event_type)
+        .bind(cols.schema_version)
+        .bind(cols.occurred_at)
+        .bind(cols.actor)
+        .bind(cols.correlation_id)
+        .bind(cols.causation_id)
+        .bind(cols.traceparent)
+        .bind(cols.payload)
+        .bind(CHANNEL)
+        .bind(last.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        advance_head(&self.head, Position(last as u64));
+        Ok(AppendResult {
+            first_position: Position(first as u64),
+            last_position: Position(last as u64),
+            stream_version: StreamVersion((base_version + n) as u64),
+            written: true,
+        })
+    }
+
+    /// If every event of the batch is already stored, in order, in this stream: where it landed.
+    async fn already_stored(&self, stream: &StreamId, events: &[NewEvent]) -> Result<Option<AppendResult>> {
+        let first: Option<(i64, String, i64)> =
+            sqlx::query_as("SELECT global_position, stream_id, stream_version FROM kiln_events WHERE event_id = $1")
+                .bind(events[0].event_id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((first_position, stored_in, first_version)) = first else { return Ok(None) };
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.as_uuid()).collect();
+        let rows: Vec<(Option<i64>, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT e.global_position, e.stream_id, e.stream_version
+             FROM UNNEST($1::uuid[]) WITH ORDINALITY AS i(id, ord)
+             LEFT JOIN kiln_events e ON e.event_id = i.id ORDER BY i.ord",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let consistent = rows.len() == events.len()
+            && stored_in == stream.as_str()
+            && rows
+                .iter()
+                .enumerate()
+                .all(|(i, (_, s, v))| s.as_deref() == Some(stored_in.as_str()) && *v == Some(first_version + i as i64));
+        if !consistent {
+            return Err(StoreError::PartialDuplicate {
+                event_id: events[0].event_id,
+                stored_in: StreamId::parse(stored_in).map_err(|e| StoreError::corrupt(first_position, e))?,
+            });
+        }
+        let (last_position, _, last_version) = rows[rows.len() - 1].clone();
+        Ok(Some(AppendResult {
+            first_position: Position(first_position as u64),
+            last_position: Position(last_position.unwrap_or(first_position) as u64),
+            stream_version: StreamVersion(last_version.unwrap_or(first_version) as u64),
+            written: false,
+        }))
+    }
+
+    async fn duplicate_error(&self, events: &[NewEvent]) -> Result<StoreError> {
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id.as_uuid()).collect();
+        let found: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT event_id, stream_id FROM kiln_events WHERE event_id = ANY($1) LIMIT 1")
+                .bind(&ids)
+                .fetch_optional(&self.pool)
+                .await?;
+        match found {
+            Some((id, s)) => Ok(StoreError::PartialDuplicate {
+                event_id: EventId::from_uuid(id),
+                stored_in: StreamId::parse(s).map_err(|e| StoreError::corrupt(0, e))?,
+            }),
+            None => {
+                Err(StoreError::Database(sqlx::Error::Protocol("unique violation without a duplicate event".into())))
+            }
+        }
+    }
+
+    pub async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        sqlx::query(concat!(
+            select_columns!(),
+            " WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version LIMIT $3"
+        ))
+        .bind(stream.as_str())
+        .bind(after.0 as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(decode_row)
+        .collect()
+    }
+
+    pub async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>> {
+        sqlx::query(concat!(select_columns!(), " WHERE global_position > $1 ORDER BY global_position LIMIT $2"))
+            .bind(after.0 as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode_row)
+            .collect()
+    }
+
+    pub async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = $1")
+            .bind(stream.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.map(|v| StreamVersion(v as u64)))
+    }
+
+    pub async fn head(&self) -> Result<Position> {
+        let h: i64 = sqlx::query_scalar("SELECT position FROM kiln_log_head").fetch_one(&self.pool).await?;
+        Ok(Position(h as u64))
+    }
+
+    pub fn head_watch(&self) -> watch::Receiver<Position> {
+        self.head.subscribe()
+    }
+}
+
+/// One array per column, for a single multi-row `INSERT ... SELECT FROM UNNEST`.
+#[derive(Default)]
+struct Columns {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    version: Vec<i64>,
+    event_type: Vec<String>,
+    schema_version: Vec<i16>,
+    occurred_at: Vec<DateTime<Utc>>,
+    actor: Vec<String>,
+    correlation_id: Vec<Option<Uuid>>,
+    causation_id: Vec<Option<Uuid>>,
+    traceparent: Vec<Option<String>>,
+    payload: Vec<String>,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            position: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            version: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            schema_version: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            actor: Vec::with_capacity(n),
+            correlation_id: Vec::with_capacity(n),
+            causation_id: Vec::with_capacity(n),
+            traceparent: Vec::with_capacity(n),
+            payload: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, position: i64, version: i64, e: &NewEvent, payload: String) {
+        self.position.push(position);
+        self.event_id.push(e.event_id.as_uuid());
+        self.version.push(version);
+        self.event_type.push(e.event_type.clone());
+        self.schema_version.push(e.schema_version as i16);
+        self.occurred_at.push(e.occurred_at);
+        self.actor.push(e.metadata.actor.as_str().to_owned());
+        self.correlation_id.push(e.metadata.correlation_id);
+        self.causation_id.push(e.metadata.causation_id.map(|c| c.as_uuid()));
+        self.traceparent.push(e.metadata.traceparent.as_ref().map(|t| t.as_str().to_owned()));
+        self.payload.push(payload);
+    }
+}
+
+macro_rules! select_columns {
+    () => {
+        "SELECT global_position, event_id, stream_id, stream_version, event_type, schema_version, \
+         occurred_at, actor, correlation_id, causation_id, traceparent, payload FROM kiln_events"
+    };
+}
+use select_columns;
+
+fn decode_row(row: &PgRow) -> Result<RecordedEvent> {
+    let position: i64 = row.try_get(0)?;
+    let bad = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(position, format!("{what}: {e}"));
+    Ok(RecordedEvent {
+        position: Position(position as u64),
+        stream_id: StreamId::parse(row.try_get::<String, _>(2)?).map_err(|e| bad("stream_id", &e))?,
+        stream_version: StreamVersion(row.try_get::<i64, _>(3)? as u64),
+        event_id: EventId::from_uuid(row.try_get(1)?),
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get::<i16, _>(5)? as u16,
+        occurred_at: row.try_get(6)?,
+        metadata: EventMetadata {
+            actor: Actor::parse(row.try_get::<String, _>(7)?).map_err(|e| bad("actor", &e))?,
+            correlation_id: row.try_get(8)?,
+            causation_id: row.try_get::<Option<Uuid>, _>(9)?.map(EventId::from_uuid),
+            traceparent: row
+                .try_get::<Option<String>, _>(10)?
+                .map(|t| TraceParent::parse(t).map_err(|e| bad("traceparent", &e)))
+                .transpose()?,
+        },
+        payload: row.try_get(11)?,
+    })
+}

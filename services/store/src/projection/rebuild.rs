@@ -1,0 +1,230 @@
+//! Rebuilding a projection from the log, and verifying a live one against a fresh rebuild.
+//!
+//! Both build into scratch tables beside the live ones, so readers keep seeing the live read
+//! model meanwhile. `rebuild` then swaps the result in, in one short transaction that holds the
+//! checkpoint lock; `verify` compares it with the live tables at the same position and drops it.
+
+use kiln_proto::Position;
+use serde::Serialize;
+
+use super::runner::{apply_events, checkpoint, lock_checkpoint, read_until, set_checkpoint};
+use super::{Projection, ProjectionRunner, TableSpec, WriteTx};
+use crate::{EventStore, Result, Store};
+
+/// One way a rebuilt table differs from the live one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Difference {
+    MissingInLive { table: String, row: Vec<Option<String>> },
+    ExtraInLive { table: String, row: Vec<Option<String>> },
+    Changed { table: String, live: Vec<Option<String>>, rebuilt: Vec<Option<String>> },
+}
+
+/// The outcome of verifying one projection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    pub projection: String,
+    pub position: u64,
+    pub rows: u64,
+    /// The first differences found (at most 20 per table).
+    pub differences: Vec<Difference>,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+const MAX_DIFFERENCES: usize = 20;
+
+fn scratch_prefix() -> String {
+    format!("kiln_scratch_{}_", &uuid::Uuid::now_v7().simple().to_string()[20..])
+}
+
+pub(super) async fn recreate_tables(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Result<()> {
+    drop_tables(tx, p, prefix).await?;
+    for t in p.tables() {
+        tx.execute_raw(&t.create_sql(prefix)).await?;
+    }
+    Ok(())
+}
+
+async fn drop_tables(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Result<()> {
+    for t in p.tables() {
+        tx.execute_raw(&format!("DROP TABLE IF EXISTS {prefix}{}", t.name)).await?;
+    }
+    Ok(())
+}
+
+/// Builds `p` into scratch tables from the start of the log up to `until` in batches.
+async fn build_scratch(
+    store: &Store,
+    p: &dyn Projection,
+    prefix: &str,
+    until: Position,
+    batch_size: usize,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<Position> {
+    let mut tx = store.begin_write().await?;
+    recreate_tables(&mut tx, p, prefix).await?;
+    tx.commit().await?;
+    let mut position = Position::START;
+    while position < until {
+        let events = read_until(store, position, until, batch_size).await?;
+        let Some(last) = events.last() else { break };
+        let last = last.position;
+        let mut tx = store.begin_write().await?;
+        apply_events(&mut tx, p, prefix, &events).await?;
+        tx.commit().await?;
+        position = last;
+        progress(position.0, until.0);
+    }
+    Ok(position)
+}
+
+/// Applies events after `from` up to `until` to the scratch tables inside `tx`.
+async fn finish_scratch(
+    store: &Store,
+    tx: &mut WriteTx,
+    p: &dyn Projection,
+    prefix: &str,
+    mut from: Position,
+    until: Position,
+    batch_size: usize,
+) -> Result<Position> {
+    while from < until {
+        let events = read_until(store, from, until, batch_size).await?;
+        let Some(last) = events.last() else { break };
+        let last = last.position;
+        apply_events(tx, p, prefix, &events).await?;
+        from = last;
+    }
+    Ok(from)
+}
+
+/// Rebuilds one live projection from the whole log and swaps it in atomically.
+pub async fn rebuild(
+    runner: &ProjectionRunner,
+    p: &dyn Projection,
+    batch_size: usize,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<Position> {
+    let store = runner.store();
+    runner.prepare().await?;
+    let prefix = scratch_prefix();
+    let result = async {
+        let head = store.head().await?;
+        let built = build_scratch(store, p, &prefix, head, batch_size, progress).await?;
+        let mut tx = store.begin_write().await?;
+        lock_checkpoint(&mut tx, p.name()).await?;
+        let head = store.head().await?;
+        let position = finish_scratch(store, &mut tx, p, &prefix, built, head, batch_size).await?;
+        for t in p.tables() {
+            tx.execute_raw(&format!("DELETE FROM {}", t.name)).await?;
+            tx.execute_raw(&format!("INSERT INTO {} SELECT * FROM {prefix}{}", t.name, t.name)).await?;
+        }
+        set_checkpoint(&mut tx, p.name(), position, p.version()).await?;
+        drop_tables(&mut tx, p, &prefix).await?;
+        tx.commit().await?;
+        progress(position.0, position.0);
+        Ok(position)
+    }
+    .await;
+    cleanup(store, p, &prefix).await;
+    result
+}
+
+/// Brings the live projection up to the head, rebuilds it into scratch tables at the same
+/// position, and compares the two row by row.
+pub async fn verify(runner: &ProjectionRunner, p: &dyn Projection, batch_size: usize) -> Result<VerifyReport> {
+    let store = runner.store();
+    runner.prepare().await?;
+    runner.catch_up_one(p, None, &|_, _| {}).await?;
+    let prefix = scratch_prefix();
+    let result = async {
+        let live_at = checkpoint(store, p.name()).await?;
+        let built = build_scratch(store, p, &prefix, live_at, batch_size, &|_, _| {}).await?;
+        // Holding the checkpoint lock freezes the live read model while the two are compared.
+        let mut tx = store.begin_write().await?;
+        let live_at = lock_checkpoint(&mut tx, p.name()).await?;
+        let position = finish_scratch(store, &mut tx, p, &prefix, built, live_at, batch_size).await?;
+        let mut report =
+            VerifyReport { projection: p.name().to_owned(), position: position.0, rows: 0, differences: Vec::new() };
+        for t in p.tables() {
+            let live = sorted_rows(&mut tx, t, "").await?;
+            let rebuilt = sorted_rows(&mut tx, t, &prefix).await?;
+            report.rows += live.len() as u64;
+            report.differences.extend(compare(t, &live, &rebuilt));
+        }
+        tx.rollback().await?;
+        Ok(report)
+    }
+    .await;
+    cleanup(store, p, &prefix).await;
+    result
+}
+
+async fn cleanup(store: &Store, p: &dyn Projection, prefix: &str) {
+    let dropped = async {
+        let mut tx = store.begin_write().await?;
+        drop_tables(&mut tx, p, prefix).await?;
+        tx.commit().await
+    };
+    if let Err(e) = dropped.await {
+        tracing::warn!(error = %e, prefix, "could not drop scratch tables");
+    }
+}
+
+fn dump_sql(t: &TableSpec, prefix: &str) -> String {
+    let cols: Vec<String> = t.columns.iter().map(|c| format!("CAST({c} AS TEXT)")).collect();
+    format!("SELECT {} FROM {prefix}{}", cols.join(", "), t.name)
+}
+
+/// A table's rows as text, ordered by key in Rust so both sides order identically whatever the
+/// database's collation.
+async fn sorted_rows(tx: &mut WriteTx, t: &TableSpec, prefix: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let mut rows = tx.fetch_text_rows(&dump_sql(t, prefix)).await?;
+    let key_cols = key_columns(t);
+    rows.sort_by(|a, b| key_cols.iter().map(|&i| &a[i]).cmp(key_cols.iter().map(|&i| &b[i])));
+    Ok(rows)
+}
+
+fn key_columns(t: &TableSpec) -> Vec<usize> {
+    t.key.iter().filter_map(|k| t.columns.iter().position(|c| c == k)).collect()
+}
+
+/// Merges two key-ordered row lists and reports where they differ.
+fn compare(t: &TableSpec, live: &[Vec<Option<String>>], rebuilt: &[Vec<Option<String>>]) -> Vec<Difference> {
+    let key_cols = key_columns(t);
+    let key = |row: &Vec<Option<String>>| key_cols.iter().map(|&i| row[i].clone()).collect::<Vec<_>>();
+    let table = t.name.to_owned();
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while (i < live.len() || j < rebuilt.len()) && out.len() < MAX_DIFFERENCES {
+        match (live.get(i), rebuilt.get(j)) {
+            (Some(l), Some(r)) if key(l) == key(r) => {
+                if l != r {
+                    out.push(Difference::Changed { table: table.clone(), live: l.clone(), rebuilt: r.clone() });
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(l), Some(r)) if key(l) < key(r) => {
+                out.push(Difference::ExtraInLive { table: table.clone(), row: l.clone() });
+                i += 1;
+            }
+            (Some(l), None) => {
+                out.push(Difference::ExtraInLive { table: table.clone(), row: l.clone() });
+                i += 1;
+            }
+            (_, Some(r)) => {
+                out.push(Difference::MissingInLive { table: table.clone(), row: r.clone() });
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    out
+}

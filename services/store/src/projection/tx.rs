@@ -1,0 +1,151 @@
+//! A write transaction on either backend, with portable statements.
+
+use sqlx::{Postgres, Row, Sqlite, Transaction};
+
+use crate::Result;
+
+/// A transaction for read models and checkpoints.
+#[derive(Debug)]
+pub enum WriteTx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// A bind value both backends understand, typed so PostgreSQL can infer NULLs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+impl From<&str> for SqlValue {
+    fn from(s: &str) -> Self {
+        Self::Text(Some(s.to_owned()))
+    }
+}
+
+impl From<String> for SqlValue {
+    fn from(s: String) -> Self {
+        Self::Text(Some(s))
+    }
+}
+
+impl From<Option<String>> for SqlValue {
+    fn from(s: Option<String>) -> Self {
+        Self::Text(s)
+    }
+}
+
+impl From<i64> for SqlValue {
+    fn from(i: i64) -> Self {
+        Self::Int(Some(i))
+    }
+}
+
+/// A statement prepared for both dialects: `$n` placeholders for PostgreSQL, `?n` for SQLite.
+#[derive(Debug, Clone)]
+pub struct Stmt {
+    postgres: String,
+    sqlite: String,
+}
+
+impl Stmt {
+    pub fn new(sql: impl Into<String>) -> Self {
+        let postgres = sql.into();
+        let sqlite = postgres.replace('$', "?");
+        Self { postgres, sqlite }
+    }
+}
+
+macro_rules! bind_all {
+    ($query:expr, $args:expr) => {{
+        let mut q = $query;
+        for a in $args {
+            q = match a {
+                SqlValue::Text(v) => q.bind(v.clone()),
+                SqlValue::Int(v) => q.bind(*v),
+            };
+        }
+        q
+    }};
+}
+
+impl WriteTx {
+    /// Runs a statement; returns the number of rows affected.
+    pub async fn execute(&mut self, stmt: &Stmt, args: &[SqlValue]) -> Result<u64> {
+        Ok(match self {
+            Self::Sqlite(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.sqlite.as_str()));
+                bind_all!(q, args).execute(&mut **tx).await?.rows_affected()
+            }
+            Self::Postgres(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.postgres.as_str()));
+                bind_all!(q, args).execute(&mut **tx).await?.rows_affected()
+            }
+        })
+    }
+
+    /// Runs DDL or any statement without binds.
+    pub async fn execute_raw(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Self::Sqlite(tx) => drop(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?),
+            Self::Postgres(tx) => drop(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?),
+        };
+        Ok(())
+    }
+
+    /// The first column of the first row, as an integer.
+    pub async fn fetch_int(&mut self, stmt: &Stmt, args: &[SqlValue]) -> Result<Option<i64>> {
+        Ok(match self {
+            Self::Sqlite(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.sqlite.as_str()));
+                bind_all!(q, args).fetch_optional(&mut **tx).await?.map(|r| r.try_get::<i64, _>(0)).transpose()?
+            }
+            Self::Postgres(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.postgres.as_str()));
+                bind_all!(q, args).fetch_optional(&mut **tx).await?.map(|r| r.try_get::<i64, _>(0)).transpose()?
+            }
+        })
+    }
+
+    /// Every row, every column cast to text: for comparing read models.
+    pub async fn fetch_text_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        fn collect<R: Row>(rows: Vec<R>) -> Result<Vec<Vec<Option<String>>>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.try_get::<Option<String>, _>(i).map_err(Into::into)).collect())
+                .collect()
+        }
+        match self {
+            Self::Sqlite(tx) => collect(sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?),
+            Self::Postgres(tx) => collect(sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&mut **tx).await?),
+        }
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        match self {
+            Self::Sqlite(tx) => tx.commit().await?,
+            Self::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<()> {
+        match self {
+            Self::Sqlite(tx) => tx.rollback().await?,
+            Self::Postgres(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+
+    /// `FOR UPDATE` where the backend has row locks (SQLite's writer lock already serialises).
+    pub fn for_update(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres(_) => " FOR UPDATE",
+        }
+    }
+}

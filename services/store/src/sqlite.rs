@@ -1,0 +1,311 @@
+//! The SQLite event store: the embedded default.
+//!
+//! One writer connection serialises every write in this process (SQLite allows one writer at a
+//! time anyway; queueing in-process avoids busy-waiting on the file lock), and write transactions
+//! start with `BEGIN IMMEDIATE` so a second process waits on `busy_timeout` instead of failing
+//! mid-transaction. Readers use their own pool and see committed snapshots (WAL mode).
+//! Subscribers are woken in-process when the writer commits.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use kiln_proto::{
+    Actor, EventId, EventMetadata, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, TraceParent,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
+use crate::{AppendResult, ExpectedVersion, Result, StoreError};
+
+/// Rows per multi-row INSERT: 12 binds each stays far below SQLite's 32,766 variable limit.
+const INSERT_CHUNK: usize = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    /// Exactly one connection: the only writer in this process.
+    writer: SqlitePool,
+    reader: SqlitePool,
+    /// The last committed position; appends raise it after commit, subscribers wait on it.
+    head: Arc<watch::Sender<Position>>,
+}
+
+impl SqliteStore {
+    pub async fn open(options: &StoreOptions) -> Result<Self> {
+        let url = &options.database_url;
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::UnsupportedUrl(format!(
+                "{url} (in-memory SQLite is not supported: readers and the writer need one shared file)"
+            )));
+        }
+        let connect = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if options.sqlite_full_sync { SqliteSynchronous::Full } else { SqliteSynchronous::Normal })
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true)
+            .pragma("cache_size", "-32000")
+            .pragma("temp_store", "memory");
+        if let Some(dir) = connect.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::UnsupportedUrl(format!("{url} (cannot create folder {}: {e})", dir.display()))
+            })?;
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .connect_with(connect.read_only(true))
+            .await?;
+        let store = Self { writer, reader, head: Arc::new(watch::Sender::new(Position::START)) };
+        Ok(store)
+    }
+
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    pub(crate) fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    /// Re-reads the head from the database (after migrations, or after another process wrote).
+    pub(crate) async fn refresh_head(&self) -> Result<()> {
+        let head = self.head().await?;
+        advance_head(&self.head, head);
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    pub async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        check_append(stream, &events)?;
+        let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+
+        if let Some(done) = already_stored(&mut tx, stream, &events).await? {
+            return Ok(done);
+        }
+        let actual: Option<i64> = sqlx::query_scalar("SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?")
+            .bind(stream.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let actual = actual.map(|v| StreamVersion(v as u64));
+        if !expected.admits(actual) {
+            return Err(StoreError::WrongExpectedVersion { stream: stream.clone(), expected, actual });
+        }
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM kiln_events").fetch_one(&mut *tx).await?;
+
+        let base_version = actual.map_or(0, |v| v.0 as i64);
+        let recorded_at = Utc::now().timestamp_micros();
+        let rows: Vec<_> = events.iter().zip(payloads).enumerate().collect();
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type, \
+                 schema_version, occurred_at_us, recorded_at_us, actor, correlation_id, causation_id, traceparent, payload) ",
+            );
+            insert.push_values(chunk, |mut row, (i, (e, payload))| {
+                let i = *i as i64 + 1;
+                row.push_bind(head + i)
+                    .push_bind(e.event_id.to_string())
+                    .push_bind(stream.as_str())
+                    .push_bind(base_version + i)
+                    .push_bind(e.event_type.as_str())
+                    .push_bind(i64::from(e.schema_version))
+                    .push_bind(e.occurred_at.timestamp_micros())
+                    .push_bind(recorded_at)
+                    .push_bind(e.metadata.actor.as_str())
+                    .push_bind(e.metadata.correlation_id.map(|u| u.to_string()))
+                    .push_bind(e.metadata.causation_id.map(|u| u.to_string()))
+                    .push_bind(e.metadata.traceparent.as_ref().map(|t| t.as_str()))
+                    .push_bind(payload.as_str());
+            });
+            if let Err(e) = insert.build().execute(&mut *tx).await {
+                if StoreError::is_unique_violation(&e) {
+                    drop(tx);
+                    return Err(self.duplicate_error(&events).await?);
+                }
+                return Err(e.into());
+            }
+        }
+        tx.commit().await?;
+
+        let n = events.len() as i64;
+        let last = Position((head + n) as u64);
+        advance_head(&self.head, last);
+        Ok(AppendResult {
+            first_position: Position((head + 1) as u64),
+            last_position: last,
+            stream_version: StreamVersion((base_version + n) as u64),
+            written: true,
+        })
+    }
+
+    /// A later event of the batch was already stored although the first was not.
+    async fn duplicate_error(&self, events: &[NewEvent]) -> Result<StoreError> {
+        for e in events {
+            let stored: Option<String> = sqlx::query_scalar("SELECT stream_id FROM kiln_events WHERE event_id = ?")
+                .bind(e.event_id.to_string())
+                .fetch_optional(&self.reader)
+                .await?;
+            if let Some(s) = stored {
+                let stored_in = StreamId::parse(s).map_err(|err| StoreError::corrupt(0, err))?;
+                return Ok(StoreError::PartialDuplicate { event_id: e.event_id, stored_in });
+            }
+        }
+        Err(StoreError::Database(sqlx::Error::Protocol("unique violation without a duplicate event".into())))
+    }
+
+    pub async fn read_stream(
+        &self,
+        stream: &StreamId,
+        after: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        sqlx::query(concat!(
+            select_columns!(),
+            " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version LIMIT ?"
+        ))
+        .bind(stream.as_str())
+        .bind(after.0 as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(decode_row)
+        .collect()
+    }
+
+    pub async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>> {
+        sqlx::query(concat!(select_columns!(), " WHERE global_position > ? ORDER BY global_position LIMIT ?"))
+            .bind(after.0 as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await?
+            .iter()
+            .map(decode_row)
+            .collect()
+    }
+
+    pub async fn stream_version(&self, stream: &StreamId) -> Result<Option<StreamVersion>> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?")
+            .bind(stream.as_str())
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(v.map(|v| StreamVersion(v as u64)))
+    }
+
+    pub async fn head(&self) -> Result<Position> {
+        let h: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM kiln_events")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(Position(h as u64))
+    }
+
+    pub fn head_watch(&self) -> watch::Receiver<Position> {
+        self.head.subscribe()
+    }
+}
+
+/// If the batch's first event is already stored, this is a retry: returns where it landed, or
+/// an error if the stored events are not exactly this batch.
+async fn already_stored(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    stream: &StreamId,
+    events: &[NewEvent],
+) -> Result<Option<AppendResult>> {
+    let first = events[0].event_id.to_string();
+    let found: Option<(i64, String, i64)> =
+        sqlx::query_as("SELECT global_position, stream_id, stream_version FROM kiln_events WHERE event_id = ?")
+            .bind(&first)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((first_position, stored_in, first_version)) = found else { return Ok(None) };
+    let mut last = (first_position, first_version);
+    for (i, e) in events.iter().enumerate().skip(1) {
+        let row: Option<(i64, String, i64)> =
+            sqlx::query_as("SELECT global_position, stream_id, stream_version FROM kiln_events WHERE event_id = ?")
+                .bind(e.event_id.to_string())
+                .fetch_optional(&mut **tx)
+                .await?;
+        match row {
+            Some((p, s, v)) if s == stored_in && v == first_version + i as i64 => last = (p, v),
+            _ => {
+                return Err(StoreError::PartialDuplicate {
+                    event_id: events[0].event_id,
+                    stored_in: StreamId::parse(stored_in).map_err(|err| StoreError::corrupt(first_position, err))?,
+                });
+            }
+        }
+    }
+    if stored_in != stream.as_str() {
+        return Err(StoreError::PartialDuplicate {
+            event_id: events[0].event_id,
+            stored_in: StreamId::parse(stored_in).map_err(|err| StoreError::corrupt(first_position, err))?,
+        });
+    }
+    Ok(Some(AppendResult {
+        first_position: Position(first_position as u64),
+        last_position: Position(last.0 as u64),
+        stream_version: StreamVersion(last.1 as u64),
+        written: false,
+    }))
+}
+
+macro_rules! select_columns {
+    () => {
+        "SELECT global_position, event_id, stream_id, stream_version, event_type, schema_version, \
+         occurred_at_us, actor, correlation_id, causation_id, traceparent, payload FROM kiln_events"
+    };
+}
+use select_columns;
+
+fn decode_row(row: &SqliteRow) -> Result<RecordedEvent> {
+    let position: i64 = row.try_get(0)?;
+    let bad = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(position, format!("{what}: {e}"));
+    let uuid = |s: Option<&str>, what: &str| -> Result<Option<Uuid>> {
+        s.map(|s| Uuid::parse_str(s).map_err(|e| bad(what, &e))).transpose()
+    };
+    let event_id = uuid(Some(row.try_get::<&str, _>(1)?), "event_id")?.map(EventId::from_uuid);
+    let occurred_us: i64 = row.try_get(6)?;
+    let traceparent = row
+        .try_get::<Option<String>, _>(10)?
+        .map(|t| TraceParent::parse(t).map_err(|e| bad("traceparent", &e)))
+        .transpose()?;
+    let payload: &str = row.try_get(11)?;
+    Ok(RecordedEvent {
+        position: Position(position as u64),
+        stream_id: StreamId::parse(row.try_get::<String, _>(2)?).map_err(|e| bad("stream_id", &e))?,
+        stream_version: StreamVersion(row.try_get::<i64, _>(3)? as u64),
+        event_id: event_id.unwrap_or_default(),
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get::<i64, _>(5)? as u16,
+        occurred_at: DateTime::from_timestamp_micros(occurred_us).ok_or_else(|| bad("occurred_at", &occurred_us))?,
+        metadata: EventMetadata {
+            actor: Actor::parse(row.try_get::<String, _>(7)?).map_err(|e| bad("actor", &e))?,
+            correlation_id: uuid(row.try_get(8)?, "correlation_id")?,
+            causation_id: uuid(row.try_get(9)?, "causation_id")?.map(EventId::from_uuid),
+            traceparent,
+        },
+        payload: serde_json::from_str(payload).map_err(|e| bad("payload", &e))?,
+    })
+}
