@@ -28,6 +28,6 @@ INSERT INTO kiln_log_head (id, position) VALUES (1, 0);
 CREATE TABLE kiln_projection_checkpoints (
     name       TEXT    PRIMARY KEY,
     position   BIGINT  NOT NULL,
-    version    INTEGER NOT NULL,
+    version    BIGINT  NOT NULL,
     updated_at TEXT    NOT NULL
 );

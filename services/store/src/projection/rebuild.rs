@@ -58,50 +58,43 @@ async fn drop_tables(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Resu
     Ok(())
 }
 
-/// Builds `p` into scratch tables from the start of the log up to `until` in batches.
-async fn build_scratch(
-    store: &Store,
-    p: &dyn Projection,
-    prefix: &str,
-    until: Position,
+/// A rebuild of one projection into scratch tables named with `prefix`.
+struct Scratch<'a> {
+    store: &'a Store,
+    p: &'a dyn Projection,
+    prefix: &'a str,
     batch_size: usize,
-    progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<Position> {
-    let mut tx = store.begin_write().await?;
-    recreate_tables(&mut tx, p, prefix).await?;
-    tx.commit().await?;
-    let mut position = Position::START;
-    while position < until {
-        let events = read_until(store, position, until, batch_size).await?;
-        let Some(last) = events.last() else { break };
-        let last = last.position;
-        let mut tx = store.begin_write().await?;
-        apply_events(&mut tx, p, prefix, &events).await?;
-        tx.commit().await?;
-        position = last;
-        progress(position.0, until.0);
-    }
-    Ok(position)
 }
 
-/// Applies events after `from` up to `until` to the scratch tables inside `tx`.
-async fn finish_scratch(
-    store: &Store,
-    tx: &mut WriteTx,
-    p: &dyn Projection,
-    prefix: &str,
-    mut from: Position,
-    until: Position,
-    batch_size: usize,
-) -> Result<Position> {
-    while from < until {
-        let events = read_until(store, from, until, batch_size).await?;
-        let Some(last) = events.last() else { break };
-        let last = last.position;
-        apply_events(tx, p, prefix, &events).await?;
-        from = last;
+impl Scratch<'_> {
+    /// Builds from the start of the log up to `until`, one transaction per batch.
+    async fn build(&self, until: Position, progress: &(dyn Fn(u64, u64) + Send + Sync)) -> Result<Position> {
+        let mut tx = self.store.begin_write().await?;
+        recreate_tables(&mut tx, self.p, self.prefix).await?;
+        tx.commit().await?;
+        let mut position = Position::START;
+        while position < until {
+            let events = read_until(self.store, position, until, self.batch_size).await?;
+            let Some(last) = events.last().map(|e| e.position) else { break };
+            let mut tx = self.store.begin_write().await?;
+            apply_events(&mut tx, self.p, self.prefix, &events).await?;
+            tx.commit().await?;
+            position = last;
+            progress(position.0, until.0);
+        }
+        Ok(position)
     }
-    Ok(from)
+
+    /// Applies the events after `from` up to `until` inside `tx`.
+    async fn finish(&self, tx: &mut WriteTx, mut from: Position, until: Position) -> Result<Position> {
+        while from < until {
+            let events = read_until(self.store, from, until, self.batch_size).await?;
+            let Some(last) = events.last().map(|e| e.position) else { break };
+            apply_events(tx, self.p, self.prefix, &events).await?;
+            from = last;
+        }
+        Ok(from)
+    }
 }
 
 /// Rebuilds one live projection from the whole log and swaps it in atomically.
@@ -115,12 +108,11 @@ pub async fn rebuild(
     runner.prepare().await?;
     let prefix = scratch_prefix();
     let result = async {
-        let head = store.head().await?;
-        let built = build_scratch(store, p, &prefix, head, batch_size, progress).await?;
+        let scratch = Scratch { store, p, prefix: &prefix, batch_size };
+        let built = scratch.build(store.head().await?, progress).await?;
         let mut tx = store.begin_write().await?;
         lock_checkpoint(&mut tx, p.name()).await?;
-        let head = store.head().await?;
-        let position = finish_scratch(store, &mut tx, p, &prefix, built, head, batch_size).await?;
+        let position = scratch.finish(&mut tx, built, store.head().await?).await?;
         for t in p.tables() {
             tx.execute_raw(&format!("DELETE FROM {}", t.name)).await?;
             tx.execute_raw(&format!("INSERT INTO {} SELECT * FROM {prefix}{}", t.name, t.name)).await?;
@@ -144,12 +136,12 @@ pub async fn verify(runner: &ProjectionRunner, p: &dyn Projection, batch_size: u
     runner.catch_up_one(p, None, &|_, _| {}).await?;
     let prefix = scratch_prefix();
     let result = async {
-        let live_at = checkpoint(store, p.name()).await?;
-        let built = build_scratch(store, p, &prefix, live_at, batch_size, &|_, _| {}).await?;
+        let scratch = Scratch { store, p, prefix: &prefix, batch_size };
+        let built = scratch.build(checkpoint(store, p.name()).await?, &|_, _| {}).await?;
         // Holding the checkpoint lock freezes the live read model while the two are compared.
         let mut tx = store.begin_write().await?;
         let live_at = lock_checkpoint(&mut tx, p.name()).await?;
-        let position = finish_scratch(store, &mut tx, p, &prefix, built, live_at, batch_size).await?;
+        let position = scratch.finish(&mut tx, built, live_at).await?;
         let mut report =
             VerifyReport { projection: p.name().to_owned(), position: position.0, rows: 0, differences: Vec::new() };
         for t in p.tables() {

@@ -118,8 +118,25 @@ impl ProjectionRunner {
     }
 
     /// Applies `events` (which follow `from`) and advances the checkpoint, in one transaction.
-    /// Returns the new checkpoint, or the one another runner got to first.
+    /// Returns the new checkpoint, or the one another runner got to first. If an event cannot be
+    /// applied, the events before it are still committed, so the projection stops exactly there.
     async fn apply_batch(&self, p: &dyn Projection, from: Position, events: &[RecordedEvent]) -> Result<Position> {
+        match self.try_apply_batch(p, from, events).await {
+            // An injected crash commits nothing, as a real crash would not.
+            Err(StoreError::Projection { projection, position, message })
+                if self.options.fail_before_checkpoint_at != Some(Position(position)) =>
+            {
+                let good = events.iter().take_while(|e| e.position.0 < position).count();
+                if good > 0 && good < events.len() {
+                    Box::pin(self.try_apply_batch(p, from, &events[..good])).await?;
+                }
+                Err(StoreError::Projection { projection, position, message })
+            }
+            other => other,
+        }
+    }
+
+    async fn try_apply_batch(&self, p: &dyn Projection, from: Position, events: &[RecordedEvent]) -> Result<Position> {
         let mut tx = self.store.begin_write().await?;
         let current = lock_checkpoint(&mut tx, p.name()).await?;
         if current != from {

@@ -88,9 +88,13 @@ impl WriteTx {
     /// Runs DDL or any statement without binds.
     pub async fn execute_raw(&mut self, sql: &str) -> Result<()> {
         match self {
-            Self::Sqlite(tx) => drop(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?),
-            Self::Postgres(tx) => drop(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?),
-        };
+            Self::Sqlite(tx) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?;
+            }
+            Self::Postgres(tx) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut **tx).await?;
+            }
+        }
         Ok(())
     }
 

@@ -107,26 +107,31 @@ impl Projection for ToolCatalog {
                 ];
                 tx.execute(&Stmt::new(sql), &args).await?;
             }
-            DomainEvent::ToolEnabled(x) => set_state(tx, &t, x.name.as_str(), state::ENABLED, actor, at, pos).await?,
-            DomainEvent::ToolDisabled(x) => set_state(tx, &t, x.name.as_str(), state::DISABLED, actor, at, pos).await?,
-            DomainEvent::ToolDeleted(x) => set_state(tx, &t, x.name.as_str(), state::DELETED, actor, at, pos).await?,
+            DomainEvent::ToolEnabled(x) => {
+                set_state(tx, &t, x.name.as_str(), state::ENABLED, Change { actor, at, pos }).await?
+            }
+            DomainEvent::ToolDisabled(x) => {
+                set_state(tx, &t, x.name.as_str(), state::DISABLED, Change { actor, at, pos }).await?
+            }
+            DomainEvent::ToolDeleted(x) => {
+                set_state(tx, &t, x.name.as_str(), state::DELETED, Change { actor, at, pos }).await?
+            }
             _ => {}
         }
         Ok(())
     }
 }
 
-async fn set_state(
-    tx: &mut WriteTx,
-    table: &str,
-    name: &str,
-    state: &str,
-    actor: &str,
+/// Who changed a tool, when, and at which position.
+struct Change<'a> {
+    actor: &'a str,
     at: String,
     pos: SqlValue,
-) -> Result<()> {
+}
+
+async fn set_state(tx: &mut WriteTx, table: &str, name: &str, state: &str, c: Change<'_>) -> Result<()> {
     let sql =
         format!("UPDATE {table} SET state = $2, updated_by = $3, updated_at = $4, last_position = $5 WHERE name = $1");
-    tx.execute(&Stmt::new(sql), &[name.into(), state.into(), actor.into(), at.into(), pos]).await?;
+    tx.execute(&Stmt::new(sql), &[name.into(), state.into(), c.actor.into(), c.at.into(), c.pos]).await?;
     Ok(())
 }
