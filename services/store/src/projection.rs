@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use kiln_proto::{DomainEvent, RecordedEvent};
 
 pub use rebuild::{Difference, VerifyReport, rebuild, verify};
-pub use runner::{ProjectionRunner, ProjectionStatus, RunnerOptions};
+pub use runner::{ProjectionRunner, ProjectionStatus, RunnerOptions, checkpoint};
 pub use tx::{SqlValue, Stmt, WriteTx};
 
 use crate::Result;

@@ -65,6 +65,9 @@ impl ProjectionRunner {
     pub async fn prepare(&self) -> Result<()> {
         for p in &self.projections {
             prepare(&self.store, p.as_ref()).await?;
+            let position = checkpoint(&self.store, p.name()).await?.0;
+            let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+            status.insert(p.name(), ProjectionStatus { position, error: None });
         }
         Ok(())
     }
@@ -234,7 +237,8 @@ pub(super) async fn apply_events(
     Ok(())
 }
 
-pub(super) async fn checkpoint(store: &Store, name: &str) -> Result<Position> {
+/// Where a projection's checkpoint stands (0 if it has none).
+pub async fn checkpoint(store: &Store, name: &str) -> Result<Position> {
     let mut tx = store.begin_read().await?;
     let stmt = Stmt::new("SELECT position FROM kiln_projection_checkpoints WHERE name = $1");
     let position = tx.fetch_int(&stmt, &[name.into()]).await?;

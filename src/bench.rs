@@ -1,0 +1,167 @@
+//! `kiln bench`: measurements that print their figures. Numbers go in docs/benchmarks.md.
+//!
+//! `kiln bench store` measures, per backend, on a fresh database: single-event commits from one
+//! writer and from 8 concurrent writers, batched appends, and replay (`read_all` of the whole log
+//! in pages, every payload parsed).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use kiln_proto::{Actor, EventMetadata, NewEvent, Position, StreamId};
+use kiln_store::{EventStore, ExpectedVersion, Store, StoreOptions};
+use serde_json::json;
+use sqlx::Connection;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Event store: append (single and batched) and replay throughput.
+    Store(StoreBench),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    Sqlite,
+    Postgres,
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreBench {
+    #[arg(long, value_enum, default_value = "all")]
+    backend: BenchBackend,
+    /// Events appended in batches (and then replayed).
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Events per batched append.
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Single-event commits.
+    #[arg(long, default_value_t = 3_000)]
+    single: usize,
+    /// PostgreSQL server to create the scratch database on.
+    #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pg_url: String,
+}
+
+pub async fn run(_config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Store(b) => {
+            let backends = match b.backend {
+                BenchBackend::Sqlite => vec![BenchBackend::Sqlite],
+                BenchBackend::Postgres => vec![BenchBackend::Postgres],
+                BenchBackend::All => vec![BenchBackend::Sqlite, BenchBackend::Postgres],
+            };
+            println!("{:<10} {:<34} {:>12} {:>14}", "backend", "measure", "events", "events/s");
+            for backend in backends {
+                store_bench(backend, &b).await?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn payload_event(n: usize) -> NewEvent {
+    let metadata = EventMetadata::new(Actor::system("bench"));
+    let mut e = NewEvent::from_domain(
+        &kiln_proto::events::ToolEnabled {
+            name: kiln_proto::ToolName::parse("bench").unwrap_or_else(|_| unreachable!()),
+        }
+        .into(),
+        metadata,
+    );
+    e.payload =
+        json!({"runId": n, "tool": "bench", "attempt": 1, "output": {"value": n, "note": "a typical small payload"}});
+    e
+}
+
+fn report(backend: &str, measure: &str, events: usize, elapsed: Duration) {
+    let rate = events as f64 / elapsed.as_secs_f64();
+    println!("{backend:<10} {measure:<34} {events:>12} {rate:>14.0}");
+}
+
+async fn store_bench(backend: BenchBackend, b: &StoreBench) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (url, pg_db) = match backend {
+        BenchBackend::Postgres => {
+            let name = format!("kiln_bench_{}", uuid::Uuid::now_v7().simple());
+            let mut admin = sqlx::PgConnection::connect(&b.pg_url).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+            let mut url = url::Url::parse(&b.pg_url)?;
+            url.set_path(&format!("/{name}"));
+            (url.to_string(), Some(name))
+        }
+        _ => (format!("sqlite://{}", dir.path().join("bench.db").display()), None),
+    };
+    let label = if pg_db.is_some() { "postgres" } else { "sqlite" };
+    let result = async {
+        let store = Store::open_and_migrate(&StoreOptions::new(&url)).await?;
+        measure(&store, label, b).await?;
+        store.close().await;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(name) = pg_db {
+        let mut admin = sqlx::PgConnection::connect(&b.pg_url).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute(&mut admin)
+            .await?;
+    }
+    result
+}
+
+async fn measure(store: &Store, label: &str, b: &StoreBench) -> anyhow::Result<()> {
+    // Single-event commits, one writer.
+    let stream = StreamId::parse("run-single")?;
+    let start = Instant::now();
+    for i in 0..b.single {
+        store.append(&stream, ExpectedVersion::Any, vec![payload_event(i)]).await?;
+    }
+    report(label, "append 1/commit, 1 writer", b.single, start.elapsed());
+
+    // Single-event commits, 8 writers on their own streams.
+    let start = Instant::now();
+    let per = b.single / 8;
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let stream = StreamId::parse(format!("run-w{w}"))?;
+                for i in 0..per {
+                    store.append(&stream, ExpectedVersion::Any, vec![payload_event(i)]).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    report(label, "append 1/commit, 8 writers", per * 8, start.elapsed());
+
+    // Batched appends.
+    let batches: Vec<Vec<NewEvent>> =
+        (0..b.events).map(payload_event).collect::<Vec<_>>().chunks(b.batch).map(|c| c.to_vec()).collect();
+    let start = Instant::now();
+    for (i, batch) in batches.into_iter().enumerate() {
+        let stream = StreamId::parse(format!("run-batch{}", i % 64))?;
+        store.append(&stream, ExpectedVersion::Any, batch).await?;
+    }
+    report(label, &format!("append {}/commit", b.batch), b.events, start.elapsed());
+
+    // Replay: the whole log, in pages, payloads parsed.
+    let head = store.head().await?;
+    let start = Instant::now();
+    let mut at = Position::START;
+    let mut n = 0usize;
+    while at < head {
+        let page = store.read_all(at, 5_000).await?;
+        let Some(last) = page.last() else { break };
+        at = last.position;
+        n += page.len();
+    }
+    report(label, "replay (read_all, 5000/page)", n, start.elapsed());
+    Ok(())
+}

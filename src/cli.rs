@@ -1,0 +1,94 @@
+//! Command-line interface: the commands and their flags, and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, FlagOverrides};
+use crate::{bench, commands, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Durable runtime for agent-written tools")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalFlags,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalFlags {
+    /// Config file (default: ./kiln.toml if present).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Database: sqlite://PATH (default ./.kiln/kiln.db) or postgres://...
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process: API, projections (and workers as they land).
+    Serve(ServeFlags),
+    /// Run an API replica: HTTP API and projections.
+    Api(ServeFlags),
+    /// Create or upgrade the database schema.
+    Migrate,
+    /// Inspect, rebuild and verify read models.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// Print the effective configuration (secrets hidden).
+    Config(ServeFlags),
+    /// Measure performance and print the figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeFlags {
+    /// Address to listen on (default 127.0.0.1:8788).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Show each projection's position and lag behind the log.
+    Status,
+    /// Rebuild read models from the whole log, then swap them in atomically.
+    Rebuild {
+        /// The projection to rebuild.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Rebuild every projection.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Rebuild into scratch tables and compare with the live read models.
+    Verify {
+        /// Only this projection (default: all).
+        name: Option<String>,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let listen = match &cli.command {
+        Command::Serve(f) | Command::Api(f) | Command::Config(f) => f.listen,
+        _ => None,
+    };
+    let flags = FlagOverrides { database_url: cli.global.database_url.clone(), listen };
+    let config = Config::load(cli.global.config.as_deref(), &flags)?;
+    if let Command::Config(_) = cli.command {
+        print!("{}", config.to_redacted_toml()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    telemetry::init(&config.log);
+    match cli.command {
+        Command::Serve(_) | Command::Api(_) => commands::serve::run(&config).await,
+        Command::Migrate => commands::migrate(&config).await,
+        Command::Projections(cmd) => commands::projections::run(&config, cmd).await,
+        Command::Bench(cmd) => bench::run(&config, cmd).await,
+        Command::Config(_) => Ok(ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,59 @@
+//! `kiln serve` / `kiln api`: open and migrate the store, follow the log with the projections,
+//! serve HTTP, and stop cleanly on Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+
+use kiln_api::{ApiConfig, AppState};
+use kiln_store::projection::{ProjectionRunner, RunnerOptions};
+use kiln_store::projections;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::open_store;
+use crate::config::{Config, redact_url};
+
+pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+    let store = open_store(config).await?;
+    store.migrate().await?;
+    let runner = ProjectionRunner::new(
+        store.clone(),
+        projections::all(),
+        RunnerOptions { batch_size: config.projections.batch_size, ..RunnerOptions::default() },
+    );
+    runner.prepare().await?;
+
+    let shutdown = CancellationToken::new();
+    let state = AppState { store: store.clone(), projections: Some(runner.clone()) };
+    let app = kiln_api::build(&ApiConfig { listen: config.listen }, state).await?;
+    let addr = app.local_addr();
+    tracing::info!(%addr, database = %redact_url(&config.database_url), "kiln serving");
+    println!("kiln listening on http://{addr}");
+
+    let projections = tokio::spawn(runner.run(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let served = app.run(shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = projections.await;
+    store.close().await;
+    served?;
+    tracing::info!("kiln stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on the first Ctrl-C or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops kiln");
+            let _ = ctrl_c.await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,211 @@
+//! Kiln's one typed configuration, layered: built-in defaults, then `kiln.toml` (or `--config`),
+//! then `KILN_*` environment variables (`__` separates sections: `KILN_STORE__MAX_CONNECTIONS`),
+//! then command-line flags. The result is validated before anything starts, and `kiln config`
+//! prints it with secrets hidden.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `sqlite://PATH` (the embedded default) or `postgres://USER:PASSWORD@HOST/DB`.
+    pub database_url: String,
+    /// Address of the HTTP API. Loopback only until authentication is configured.
+    pub listen: SocketAddr,
+    /// Path of the `deno` binary; default: the project's install, then PATH.
+    pub deno: Option<PathBuf>,
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    pub projections: ProjectionsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `kiln=debug,sqlx=warn`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub max_connections: u32,
+    /// SQLite: `normal` (WAL, durable across process crashes) or `full` (fsync every commit).
+    pub sqlite_sync: String,
+    pub busy_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectionsConfig {
+    /// Events applied per transaction.
+    pub batch_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://./.kiln/kiln.db".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+            deno: None,
+            log: LogConfig::default(),
+            store: StoreConfig::default(),
+            projections: ProjectionsConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned(), format: "text".to_owned() }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { max_connections: 8, sqlite_sync: "normal".to_owned(), busy_timeout_ms: 10_000 }
+    }
+}
+
+impl Default for ProjectionsConfig {
+    fn default() -> Self {
+        Self { batch_size: 1_000 }
+    }
+}
+
+/// Values given on the command line; unset flags leave lower layers alone.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Top-level keys: `KILN_*` variables outside these (say `KILN_TEST_PG_URL`) are not config.
+const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections"];
+
+impl Config {
+    /// Loads the layers. `file`: an explicit config file (must exist); otherwise `./kiln.toml`
+    /// if present.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    bail!("config file {} does not exist", path.display());
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None if Path::new("kiln.toml").is_file() => figment = figment.merge(Toml::file_exact("kiln.toml")),
+            None => {}
+        }
+        let env = Env::prefixed("KILN_").split("__").filter(|key| {
+            // Depending on the order of `split` and `filter`, sections arrive as `a.b` or `a__b`.
+            let top = key.as_str().split(['.', '_']).next().unwrap_or_default();
+            let top = if top.eq_ignore_ascii_case("database") { "database_url" } else { top };
+            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(top))
+        });
+        let config: Config = figment
+            .merge(env)
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        kiln_store::Backend::of_url(&self.database_url).context("database_url")?;
+        if !self.listen.ip().is_loopback() {
+            bail!(
+                "listen: {} is not a loopback address; Kiln refuses to serve beyond this machine \
+                 without authentication (bind 127.0.0.1 or [::1])",
+                self.listen
+            );
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format: must be \"text\" or \"json\", got {:?}", self.log.format);
+        }
+        if !matches!(self.store.sqlite_sync.as_str(), "normal" | "full") {
+            bail!("store.sqlite_sync: must be \"normal\" or \"full\", got {:?}", self.store.sqlite_sync);
+        }
+        if self.store.max_connections == 0 {
+            bail!("store.max_connections: must be at least 1");
+        }
+        if !(1..=100_000).contains(&self.projections.batch_size) {
+            bail!("projections.batch_size: must be between 1 and 100000, got {}", self.projections.batch_size);
+        }
+        Ok(())
+    }
+
+    pub fn store_options(&self) -> kiln_store::StoreOptions {
+        kiln_store::StoreOptions {
+            database_url: self.database_url.clone(),
+            max_connections: self.store.max_connections,
+            sqlite_full_sync: self.store.sqlite_sync == "full",
+            busy_timeout: Duration::from_millis(self.store.busy_timeout_ms),
+        }
+    }
+
+    /// This config as TOML, with passwords in URLs hidden.
+    pub fn to_redacted_toml(&self) -> anyhow::Result<String> {
+        let mut shown = self.clone();
+        shown.database_url = redact_url(&self.database_url);
+        Ok(toml::to_string_pretty(&shown)?)
+    }
+}
+
+/// Replaces the password of a URL (if any) with `********`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("********"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redact_url("postgres://kiln:s3cret@db:5432/kiln"), "postgres://kiln:********@db:5432/kiln");
+        assert_eq!(redact_url("sqlite://./.kiln/kiln.db"), "sqlite://./.kiln/kiln.db");
+        let c = Config { database_url: "postgres://u:hunter2@h/d".into(), ..Config::default() };
+        let shown = c.to_redacted_toml().unwrap();
+        assert!(!shown.contains("hunter2") && shown.contains("********"), "{shown}");
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let bad = |c: Config| c.validate().unwrap_err().to_string();
+        assert!(bad(Config { listen: "0.0.0.0:8788".parse().unwrap(), ..Config::default() }).starts_with("listen:"));
+        assert!(bad(Config { database_url: "mysql://x".into(), ..Config::default() }).starts_with("database_url"));
+        let mut c = Config::default();
+        c.log.format = "xml".into();
+        assert!(bad(c).starts_with("log.format"));
+        let mut c = Config::default();
+        c.projections.batch_size = 0;
+        assert!(bad(c).starts_with("projections.batch_size"));
+    }
+}
