@@ -111,19 +111,27 @@ function seal() {
     profileEnd: () => {},
     timeStamp: () => {},
   };
-  const sink = (level) => ({
-    write: (p) => (emitLog(level, dec.decode(p)), Promise.resolve(p.length)),
-    writeSync: (p) => (emitLog(level, dec.decode(p)), p.length),
-    writable: new WritableStream({ write: (chunk) => emitLog(level, dec.decode(chunk)) }),
-    close() {},
-    isTerminal: () => false,
-  });
+  // Streams are created on first use: constructing one at startup costs ~10 ms of cold start.
+  const sink = (level) => {
+    let writable;
+    return {
+      write: (p) => (emitLog(level, dec.decode(p)), Promise.resolve(p.length)),
+      writeSync: (p) => (emitLog(level, dec.decode(p)), p.length),
+      get writable() {
+        return (writable ??= new WritableStream({ write: (chunk) => emitLog(level, dec.decode(chunk)) }));
+      },
+      close() {},
+      isTerminal: () => false,
+    };
+  };
   Deno.stdout = sink("info");
   Deno.stderr = sink("error");
   Deno.stdin = {
     read: () => Promise.resolve(null),
     readSync: () => null,
-    readable: new ReadableStream({ start: (c) => c.close() }),
+    get readable() {
+      return new ReadableStream({ start: (c) => c.close() });
+    },
     close() {},
     isTerminal: () => false,
     setRaw() {},

@@ -425,7 +425,7 @@ mod hostile {
     #[tokio::test]
     async fn printing_100_mb_neither_breaks_the_protocol_nor_floods_the_host() {
         let sb = sandbox_with(|c| c.max_log_bytes = 10_000);
-        let code = "const mb = 'x'.repeat(1 << 20);\nconst process = (await import('node:process')).default;\nfor (let i = 0; i < 50; i++) console.log(mb);\nfor (let i = 0; i < 25; i++) Deno.stdout.writeSync(new TextEncoder().encode(mb));\nfor (let i = 0; i < 25; i++) process.stdout.write(mb + '\\n');\nreturn 'still framed';";
+        let code = "const mb = 'x'.repeat(1 << 20);\nconst process = (await import('node:process')).default;\nfor (let i = 0; i < 50; i++) console.log(mb);\nfor (let i = 0; i < 25; i++) Deno.stdout.writeSync(new TextEncoder().encode(mb));\nfor (let i = 0; i < 25; i++) process.stdout.write(mb + '\\n');\nconst w = Deno.stdout.writable.getWriter();\nawait w.write(new TextEncoder().encode(mb));\nreturn 'still framed';";
         let (result, events) = run_with_events(&sb, Invocation::new(tool("printer", 1, code), json!({}))).await;
         let out = result.unwrap();
         assert_eq!(out.value, json!("still framed"));
