@@ -324,6 +324,7 @@ mod hostile {
     async fn reading_a_file_is_denied() {
         denied("return Deno.readTextFileSync('/etc/passwd')", Permission::Read).await;
         denied("return (await import('node:fs')).readFileSync('/etc/passwd', 'utf8')", Permission::Read).await;
+        denied("return await (await fetch('file:///etc/passwd')).text()", Permission::Read).await;
     }
 
     /// Deno does not check read permission for local imports; the import map blocks them.
@@ -405,6 +406,26 @@ mod hostile {
         assert!(matches!(err, SandboxError::Timeout { timeout_ms: 300 }), "{err:?}");
         assert_eq!(err.kind(), ErrorKind::Timeout);
         assert_eq!(sb.pool_stats().processes, 0, "the spinning process was killed");
+        assert_healthy(&sb).await;
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_ignores_the_abort_is_killed_after_the_grace_period() {
+        let sb = sandbox();
+        let t = tool_with("stubborn", 1, "await new Promise(() => {})", |t| t.limits.timeout_ms = 200);
+        let err = run(&sb, &t, json!({})).await.unwrap_err();
+        assert!(matches!(err, SandboxError::Timeout { timeout_ms: 200 }), "{err:?}");
+        assert_eq!(sb.pool_stats().processes, 0);
+        assert_healthy(&sb).await;
+    }
+
+    #[tokio::test]
+    async fn module_top_level_code_that_never_finishes_loading_is_stopped() {
+        let sb = sandbox_with(|c| c.load_timeout = std::time::Duration::from_millis(500));
+        let t = tool("stuck", 1, "while (true) {}\nexport default async function () { return 1; }");
+        let err = run(&sb, &t, json!({})).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err:?}");
+        assert_eq!(sb.pool_stats().processes, 0);
         assert_healthy(&sb).await;
     }
 
@@ -504,6 +525,28 @@ mod pool {
         assert!(first.stats.cold_start && !second.stats.cold_start);
         assert_eq!(first.stats.process_id, second.stats.process_id);
         assert_eq!((first.value, second.value), (json!(1), json!(2)));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_caller_stops_waiting_for_a_busy_pool() {
+        let sb = sandbox_with(|c| c.pool.max_per_tool = 1);
+        let code = "console.log('started');\nawait new Promise((resolve) => ctx.signal.addEventListener('abort', resolve));\nreturn 1;";
+        let t = tool("single", 1, code);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut first = Invocation::new(Arc::clone(&t), json!({}));
+        first.events = Some(tx);
+        let first_cancel = first.cancel.clone();
+        let running = tokio::spawn({
+            let sb = sb.clone();
+            async move { sb.invoke(first).await }
+        });
+        assert!(matches!(rx.recv().await, Some(SandboxEvent::Log { .. })));
+        let second = Invocation::new(Arc::clone(&t), json!({}));
+        second.cancel.cancel();
+        assert_eq!(sb.invoke(second).await.unwrap_err().kind(), ErrorKind::Cancelled);
+        first_cancel.cancel();
+        assert_eq!(running.await.unwrap().unwrap_err().kind(), ErrorKind::Cancelled);
+        assert_eq!(sb.pool_stats().busy, 0);
     }
 
     #[tokio::test]

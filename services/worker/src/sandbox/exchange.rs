@@ -103,6 +103,25 @@ impl LogSink<'_> {
 }
 
 impl DenoProcess {
+    /// Aborts `ctx.signal` of invocation `id`; the process is killed if the tool has not returned
+    /// by the returned instant. Fails with `error` (process killed) if the abort cannot be sent.
+    async fn ask_to_stop(
+        &mut self,
+        id: u64,
+        reason: &'static str,
+        grace: Duration,
+        error: SandboxError,
+    ) -> Result<(Instant, SandboxError), SandboxError> {
+        let until = Instant::now() + grace;
+        match self.send(&Outbound::Abort { id, reason }, until).await {
+            Ok(()) => Ok((until, error)),
+            Err(_) => {
+                self.kill();
+                Err(error)
+            }
+        }
+    }
+
     /// Reads frames for exchange `x.id` until its final frame. Frames of other ids (stragglers of
     /// an earlier, aborted exchange) are ignored.
     pub(crate) async fn exchange(&mut self, x: Exchange<'_>) -> Result<Outcome, SandboxError> {
@@ -189,9 +208,7 @@ impl DenoProcess {
                     }
                     match on_deadline.take() {
                         Some(OnDeadline::Abort { error, grace }) => {
-                            let until = Instant::now() + grace;
-                            self.send(&Outbound::Abort { id: x.id, reason: "timeout" }, until).await?;
-                            stopping = Some((until, error));
+                            stopping = Some(self.ask_to_stop(x.id, "timeout", grace, error).await?);
                         }
                         Some(OnDeadline::Kill(error)) => {
                             self.kill();
@@ -203,15 +220,15 @@ impl DenoProcess {
                         }
                     }
                 }
-                () = cancelled, if stopping.is_none() => {
-                    let grace = match &on_deadline {
-                        Some(OnDeadline::Abort { grace, .. }) => *grace,
-                        _ => Duration::ZERO,
-                    };
-                    let until = Instant::now() + grace;
-                    self.send(&Outbound::Abort { id: x.id, reason: "cancelled" }, until).await?;
-                    stopping = Some((until, SandboxError::Cancelled));
-                }
+                () = cancelled, if stopping.is_none() => match &on_deadline {
+                    Some(OnDeadline::Abort { grace, .. }) => {
+                        stopping = Some(self.ask_to_stop(x.id, "cancelled", *grace, SandboxError::Cancelled).await?);
+                    }
+                    _ => {
+                        self.kill();
+                        return Err(SandboxError::Cancelled);
+                    }
+                },
             }
         }
     }
