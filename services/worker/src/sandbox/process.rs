@@ -21,8 +21,19 @@ use super::protocol::{BRIDGE_JS, FrameReader, Outbound, base64};
 /// Keep this much of a process's stderr, for telling an OOM from a crash and for crash reports.
 const STDERR_TAIL: usize = 16 << 10;
 
-/// Environment variables passed through to deno when it may download packages.
-const PROXY_ENV: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy"];
+/// Environment variables passed through to deno when it may download packages (proxies, TLS
+/// trust, registry mirrors). Tool code cannot read them: `--deny-env`.
+const DOWNLOAD_ENV: &[&str] = &[
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+    "DENO_TLS_CA_STORE",
+    "DENO_CERT",
+    "NPM_CONFIG_REGISTRY",
+];
 
 /// How every process of one sandbox is started.
 #[derive(Debug)]
@@ -76,7 +87,7 @@ impl DenoProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if launch.policy.allow_npm || launch.policy.allow_jsr {
-            for name in PROXY_ENV {
+            for name in DOWNLOAD_ENV {
                 if let Some(v) = std::env::var_os(name) {
                     cmd.env(name, v);
                 }
