@@ -367,6 +367,11 @@ mod hostile {
             Permission::Worker,
         )
         .await;
+        denied(
+            "const { Worker } = await import('node:worker_threads');\nnew Worker('1', { eval: true }); return 1",
+            Permission::Worker,
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -2,10 +2,12 @@
 //! tool's declared hosts within the server policy, imports limited to what the policy allows.
 
 use std::ffi::OsString;
+use std::sync::LazyLock;
 
 use kiln_proto::tool::NetHost;
 
 use super::config::{NetPolicy, SandboxPolicy};
+use super::protocol::{WORKER_THREADS_STUB, base64};
 
 /// A tool's declared hosts split by the server policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,11 +53,21 @@ pub(crate) struct ProcessSpec {
     pub memory_mb: u32,
 }
 
-/// Import map that makes every `file:` specifier unresolvable: Deno loads local modules (and
-/// `with { type: "text" }` imports) without a read permission check, so without this a tool
-/// could `import("/etc/passwd", { with: { type: "text" } })`. The bridge and tool code are
-/// `data:` URLs and need no file access.
-const IMPORT_MAP: &str = r#"data:application/json,{"imports":{"file:///":null}}"#;
+/// The import map every process runs with, as a `data:` URL.
+///
+/// - Every `file:` specifier is unresolvable: Deno loads local modules (and
+///   `with { type: "text" }` imports) without a read permission check, so without this a tool
+///   could `import("/etc/passwd", { with: { type: "text" } })`. The bridge and tool code are
+///   `data:` URLs and need no file access.
+/// - `node:worker_threads` is a stand-in whose `Worker` throws `NotCapable` (the bridge replaces
+///   the global `Worker` the same way).
+static IMPORT_MAP: LazyLock<String> = LazyLock::new(|| {
+    let stub = format!("data:application/javascript;base64,{}", base64(WORKER_THREADS_STUB.as_bytes()));
+    let map = serde_json::json!({
+        "imports": { "file:///": null, "node:worker_threads": stub, "worker_threads": stub }
+    });
+    format!("data:application/json;base64,{}", base64(map.to_string().as_bytes()))
+});
 
 /// `deno run` flags (before the main module) for a process with `spec` under `policy`.
 pub(crate) fn deno_run_args(spec: &ProcessSpec, policy: &SandboxPolicy) -> Vec<OsString> {
@@ -89,7 +101,7 @@ pub(crate) fn deno_run_args(spec: &ProcessSpec, policy: &SandboxPolicy) -> Vec<O
     } else {
         args.push("--no-remote".into());
     }
-    args.push(format!("--import-map={IMPORT_MAP}").into());
+    args.push(format!("--import-map={}", *IMPORT_MAP).into());
     args.push(format!("--v8-flags=--max-old-space-size={}", spec.memory_mb).into());
     args
 }

@@ -18,6 +18,9 @@ pub(crate) const RS: u8 = 0x1e;
 /// The bridge script, embedded so an installed binary needs nothing beside it.
 pub(crate) const BRIDGE_JS: &str = include_str!("../../bridge/bridge.js");
 
+/// What tool code gets for `node:worker_threads` (see `permissions::IMPORT_MAP`).
+pub(crate) const WORKER_THREADS_STUB: &str = include_str!("../../bridge/worker_threads.js");
+
 /// A stray stdout line longer than this is cut (the rest of it is discarded).
 const MAX_STRAY_LINE: usize = 8 << 10;
 
