@@ -142,7 +142,6 @@ impl Pool {
         loop {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
             let now = Instant::now();
             let victim = {
                 let mut st = self.shared.lock();
@@ -181,6 +180,9 @@ impl Pool {
                     Some((victim, Reservation { key: key.clone(), shared: Arc::clone(&self.shared), armed: true }))
                 } else {
                     waiter.register(&mut st);
+                    // Registered under the state lock: every later change notifies after taking
+                    // the lock, so no wake-up can fall between this check and the wait.
+                    changed.as_mut().enable();
                     None
                 }
             };
