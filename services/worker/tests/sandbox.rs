@@ -15,6 +15,20 @@ use kiln_worker::sandbox::{
 };
 use serde_json::{Value, json};
 
+mod lookup {
+    use std::path::Path;
+
+    use kiln_worker::sandbox::DenoBinary;
+
+    #[test]
+    fn deno_is_found_in_the_project_install_and_is_the_pinned_version() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let deno = DenoBinary::locate(None, Some(&root)).expect("run scripts/install-deno.sh");
+        assert_eq!(deno.path(), DenoBinary::project_install(&root));
+        assert!(deno.version().starts_with("2.9."), "{}", deno.version());
+    }
+}
+
 mod formats {
     use super::*;
 

@@ -129,6 +129,19 @@ mod tests {
         assert!(err.to_string().contains("install-deno.sh"), "{err}");
     }
 
+    /// A stand-in for an old deno (one cannot be installed here): a script printing its version.
+    #[test]
+    fn the_wrong_version_is_rejected_naming_path_and_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-old-deno");
+        std::fs::write(&fake, "#!/bin/sh\necho 'deno 1.46.3 (stable, release, x86_64-unknown-linux-gnu)'\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let err = DenoBinary::locate(Some(&fake), None).unwrap_err();
+        assert_eq!(err, DenoLookupError::WrongVersion { path: fake.clone(), found: "1.46.3".into() });
+        let msg = err.to_string();
+        assert!(msg.contains("fake-old-deno") && msg.contains("1.46.3") && msg.contains("2.9.x"), "{msg}");
+    }
+
     #[test]
     fn a_binary_that_is_not_deno_is_rejected_naming_it() {
         let err = DenoBinary::at(Path::new("/bin/true")).unwrap_err();
