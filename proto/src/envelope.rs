@@ -6,6 +6,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::events::DomainEvent;
@@ -157,7 +158,10 @@ impl NewEvent {
 }
 
 /// An event as stored: the appended event plus its stream version and global position.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The payload stays raw JSON text until someone asks for it: replaying the log only scans it,
+/// and decoding goes straight from the text into the typed event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordedEvent {
     pub position: Position,
@@ -169,14 +173,33 @@ pub struct RecordedEvent {
     pub occurred_at: DateTime<Utc>,
     #[serde(flatten)]
     pub metadata: EventMetadata,
-    pub payload: serde_json::Value,
+    pub payload: Box<RawValue>,
+}
+
+impl PartialEq for RecordedEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.position == other.position
+            && self.stream_id == other.stream_id
+            && self.stream_version == other.stream_version
+            && self.event_id == other.event_id
+            && self.event_type == other.event_type
+            && self.schema_version == other.schema_version
+            && self.occurred_at == other.occurred_at
+            && self.metadata == other.metadata
+            && self.payload.get() == other.payload.get()
+    }
 }
 
 impl RecordedEvent {
+    /// The payload parsed into a generic JSON value.
+    pub fn payload_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.payload.get()).unwrap_or(serde_json::Value::Null)
+    }
+
     /// Decodes the payload into its domain event; an unknown type or a malformed payload is an
     /// error naming this event's position.
     pub fn decode(&self) -> Result<DomainEvent, crate::events::DecodeError> {
-        DomainEvent::decode(&self.event_type, self.schema_version, &self.payload).map_err(|e| e.at(self.position))
+        DomainEvent::decode(&self.event_type, self.schema_version, self.payload.get()).map_err(|e| e.at(self.position))
     }
 }
 

@@ -201,8 +201,8 @@ impl DecodeError {
     }
 }
 
-fn decode_payload<T: DeserializeOwned>(event_type: &str, payload: &Value) -> Result<T, DecodeError> {
-    T::deserialize(payload).map_err(|e| DecodeError::Malformed {
+fn decode_payload<T: DeserializeOwned>(event_type: &str, payload: &str) -> Result<T, DecodeError> {
+    serde_json::from_str(payload).map_err(|e| DecodeError::Malformed {
         event_type: event_type.to_owned(),
         message: e.to_string(),
         position: None,
@@ -241,7 +241,8 @@ macro_rules! domain_events {
                 value.unwrap_or(Value::Null)
             }
 
-            pub fn decode(event_type: &str, schema_version: u16, payload: &Value) -> Result<Self, DecodeError> {
+            /// Decodes a payload (JSON text) of the given type and schema version.
+            pub fn decode(event_type: &str, schema_version: u16, payload: &str) -> Result<Self, DecodeError> {
                 match event_type {
                     $($name => {
                         if schema_version != $version {
@@ -312,16 +313,16 @@ mod tests {
         let payload = e.to_payload();
         assert_eq!(payload["error"]["kind"], json!("timeout"));
         assert_eq!(payload["retry"]["decision"], json!("retry"));
-        assert_eq!(DomainEvent::decode(e.event_type(), 1, &payload).unwrap(), e);
+        assert_eq!(DomainEvent::decode(e.event_type(), 1, &payload.to_string()).unwrap(), e);
     }
 
     #[test]
     fn unknown_types_and_bad_payloads_are_errors_naming_the_position() {
-        let err = DomainEvent::decode("tool.exploded", 1, &json!({})).unwrap_err().at(Position(7));
+        let err = DomainEvent::decode("tool.exploded", 1, &json!({}).to_string()).unwrap_err().at(Position(7));
         assert_eq!(err.to_string(), "unknown event type \"tool.exploded\" at position 7");
-        let err = DomainEvent::decode("tool.created", 1, &json!({"name": 3})).unwrap_err().at(Position(9));
+        let err = DomainEvent::decode("tool.created", 1, &json!({"name": 3}).to_string()).unwrap_err().at(Position(9));
         assert!(err.to_string().starts_with("malformed \"tool.created\" payload at position 9: "), "{err}");
-        let err = DomainEvent::decode("tool.created", 2, &json!({"name": "x"})).unwrap_err();
+        let err = DomainEvent::decode("tool.created", 2, &json!({"name": "x"}).to_string()).unwrap_err();
         assert!(matches!(err, DecodeError::UnsupportedVersion { schema_version: 2, .. }));
     }
 

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use kiln_proto::{
     Actor, EventId, EventMetadata, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, TraceParent,
 };
+use serde_json::value::RawValue;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
@@ -86,6 +87,8 @@ impl PgStore {
         tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
+                    // Checked first: after `close`, a failing `try_recv` is ready at once too.
+                    biased;
                     _ = stop.cancelled() => break,
                     r = listener.try_recv() => r,
                 };
@@ -106,7 +109,10 @@ impl PgStore {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "LISTEN connection failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
                     }
                 }
             }
@@ -360,7 +366,7 @@ impl Columns {
 macro_rules! select_columns {
     () => {
         "SELECT global_position, event_id, stream_id, stream_version, event_type, schema_version, \
-         occurred_at, actor, correlation_id, causation_id, traceparent, payload FROM kiln_events"
+         occurred_at, actor, correlation_id, causation_id, traceparent, payload::text FROM kiln_events"
     };
 }
 use select_columns;
@@ -385,6 +391,6 @@ fn decode_row(row: &PgRow) -> Result<RecordedEvent> {
                 .map(|t| TraceParent::parse(t).map_err(|e| bad("traceparent", &e)))
                 .transpose()?,
         },
-        payload: row.try_get(11)?,
+        payload: RawValue::from_string(row.try_get(11)?).map_err(|e| bad("payload", &e))?,
     })
 }

@@ -6,6 +6,7 @@
 //! mid-transaction. Readers use their own pool and see committed snapshots (WAL mode).
 //! Subscribers are woken in-process when the writer commits.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -13,8 +14,9 @@ use chrono::{DateTime, Utc};
 use kiln_proto::{
     Actor, EventId, EventMetadata, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, TraceParent,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use serde_json::value::RawValue;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -101,19 +103,26 @@ impl SqliteStore {
         let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
 
-        if let Some(done) = already_stored(&mut tx, stream, &events).await? {
+        // One round trip for what the append needs to know: is it a retry, the stream's version,
+        // the head.
+        let (stored, actual, head): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM kiln_events WHERE event_id = ?1),
+                    (SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?2),
+                    (SELECT COALESCE(MAX(global_position), 0) FROM kiln_events)",
+        )
+        .bind(events[0].event_id.to_string())
+        .bind(stream.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        if stored != 0
+            && let Some(done) = already_stored(&mut tx, stream, &events).await?
+        {
             return Ok(done);
         }
-        let actual: Option<i64> = sqlx::query_scalar("SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?")
-            .bind(stream.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
         let actual = actual.map(|v| StreamVersion(v as u64));
         if !expected.admits(actual) {
             return Err(StoreError::WrongExpectedVersion { stream: stream.clone(), expected, actual });
         }
-        let head: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM kiln_events").fetch_one(&mut *tx).await?;
 
         let base_version = actual.map_or(0, |v| v.0 as i64);
         let recorded_at = Utc::now().timestamp_micros();
@@ -121,7 +130,7 @@ impl SqliteStore {
         for chunk in rows.chunks(INSERT_CHUNK) {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type, \
-                 schema_version, occurred_at_us, recorded_at_us, actor, correlation_id, causation_id, traceparent, payload) ",
+                 occurred_at_us, recorded_at_us, actor, record) ",
             );
             insert.push_values(chunk, |mut row, (i, (e, payload))| {
                 let i = *i as i64 + 1;
@@ -130,14 +139,10 @@ impl SqliteStore {
                     .push_bind(stream.as_str())
                     .push_bind(base_version + i)
                     .push_bind(e.event_type.as_str())
-                    .push_bind(i64::from(e.schema_version))
                     .push_bind(e.occurred_at.timestamp_micros())
                     .push_bind(recorded_at)
                     .push_bind(e.metadata.actor.as_str())
-                    .push_bind(e.metadata.correlation_id.map(|u| u.to_string()))
-                    .push_bind(e.metadata.causation_id.map(|u| u.to_string()))
-                    .push_bind(e.metadata.traceparent.as_ref().map(|t| t.as_str()))
-                    .push_bind(payload.as_str());
+                    .push_bind(record(head + i, stream, base_version + i, e, payload));
             });
             if let Err(e) = insert.build().execute(&mut *tx).await {
                 if StoreError::is_unique_violation(&e) {
@@ -181,28 +186,53 @@ impl SqliteStore {
         after: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
-        sqlx::query(concat!(
-            select_columns!(),
-            " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version LIMIT ?"
-        ))
-        .bind(stream.as_str())
-        .bind(after.0 as i64)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?
-        .iter()
-        .map(decode_row)
-        .collect()
+        let filter = "WHERE stream_id = ?1 AND stream_version > ?2 ORDER BY stream_version LIMIT ?3";
+        self.read_page(filter, Some(stream.as_str()), after.0, limit).await
     }
 
     pub async fn read_all(&self, after: Position, limit: usize) -> Result<Vec<RecordedEvent>> {
-        sqlx::query(concat!(select_columns!(), " WHERE global_position > ? ORDER BY global_position LIMIT ?"))
-            .bind(after.0 as i64)
+        let filter = "WHERE ?1 IS NULL AND global_position > ?2 ORDER BY global_position LIMIT ?3";
+        self.read_page(filter, None, after.0, limit).await
+    }
+
+    /// Reads the events `filter` selects as one page: SQLite concatenates their records into a
+    /// JSON array parsed in one pass (sqlx would copy each column of each row into its own
+    /// allocation and hand rows over one at a time, which costs several times more). If the page
+    /// does not parse, it is read again record by record to name the corrupt position.
+    async fn read_page(
+        &self,
+        filter: &str,
+        stream: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        let sql = format!(
+            "SELECT '[' || group_concat(record, ',' ORDER BY global_position) || ']' FROM \
+             (SELECT global_position, record FROM kiln_events {filter})"
+        );
+        let page: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(stream)
+            .bind(after as i64)
+            .bind(limit as i64)
+            .fetch_one(&self.reader)
+            .await?;
+        let Some(page) = page else { return Ok(Vec::new()) };
+        if let Ok(records) = serde_json::from_str::<Vec<Record<'_>>>(&page) {
+            return records.into_iter().map(Record::into_event).collect();
+        }
+        let sql = format!("SELECT global_position, record FROM kiln_events {filter}");
+        let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(stream)
+            .bind(after as i64)
             .bind(limit as i64)
             .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(decode_row)
+            .await?;
+        rows.iter()
+            .map(|(position, record)| {
+                serde_json::from_str::<Record<'_>>(record)
+                    .map_err(|e| StoreError::corrupt(*position, format!("record: {e}")))?
+                    .into_event()
+            })
             .collect()
     }
 
@@ -271,41 +301,78 @@ async fn already_stored(
     }))
 }
 
-macro_rules! select_columns {
-    () => {
-        "SELECT global_position, event_id, stream_id, stream_version, event_type, schema_version, \
-         occurred_at_us, actor, correlation_id, causation_id, traceparent, payload FROM kiln_events"
-    };
-}
-use select_columns;
+/// The JSON record of one event, as stored in the `record` column.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record<'a>(
+    i64,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] Cow<'a, str>,
+    i64,
+    #[serde(borrow)] Cow<'a, str>,
+    u16,
+    i64,
+    #[serde(borrow)] Cow<'a, str>,
+    Option<Uuid>,
+    Option<Uuid>,
+    #[serde(borrow)] Option<Cow<'a, str>>,
+    Box<RawValue>,
+);
 
-fn decode_row(row: &SqliteRow) -> Result<RecordedEvent> {
-    let position: i64 = row.try_get(0)?;
-    let bad = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(position, format!("{what}: {e}"));
-    let uuid = |s: Option<&str>, what: &str| -> Result<Option<Uuid>> {
-        s.map(|s| Uuid::parse_str(s).map_err(|e| bad(what, &e))).transpose()
-    };
-    let event_id = uuid(Some(row.try_get::<&str, _>(1)?), "event_id")?.map(EventId::from_uuid);
-    let occurred_us: i64 = row.try_get(6)?;
-    let traceparent = row
-        .try_get::<Option<String>, _>(10)?
-        .map(|t| TraceParent::parse(t).map_err(|e| bad("traceparent", &e)))
-        .transpose()?;
-    let payload: &str = row.try_get(11)?;
-    Ok(RecordedEvent {
-        position: Position(position as u64),
-        stream_id: StreamId::parse(row.try_get::<String, _>(2)?).map_err(|e| bad("stream_id", &e))?,
-        stream_version: StreamVersion(row.try_get::<i64, _>(3)? as u64),
-        event_id: event_id.unwrap_or_default(),
-        event_type: row.try_get(4)?,
-        schema_version: row.try_get::<i64, _>(5)? as u16,
-        occurred_at: DateTime::from_timestamp_micros(occurred_us).ok_or_else(|| bad("occurred_at", &occurred_us))?,
-        metadata: EventMetadata {
-            actor: Actor::parse(row.try_get::<String, _>(7)?).map_err(|e| bad("actor", &e))?,
-            correlation_id: uuid(row.try_get(8)?, "correlation_id")?,
-            causation_id: uuid(row.try_get(9)?, "causation_id")?.map(EventId::from_uuid),
-            traceparent,
-        },
-        payload: serde_json::from_str(payload).map_err(|e| bad("payload", &e))?,
-    })
+/// The record of an event about to be appended; `payload` is its already-encoded JSON.
+fn record(position: i64, stream: &StreamId, version: i64, e: &NewEvent, payload: &str) -> String {
+    let payload = RawValue::from_string(payload.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
+    let r = Record(
+        position,
+        Cow::Owned(e.event_id.to_string()),
+        Cow::Borrowed(stream.as_str()),
+        version,
+        Cow::Borrowed(&e.event_type),
+        e.schema_version,
+        e.occurred_at.timestamp_micros(),
+        Cow::Borrowed(e.metadata.actor.as_str()),
+        e.metadata.correlation_id,
+        e.metadata.causation_id.map(|c| c.as_uuid()),
+        e.metadata.traceparent.as_ref().map(|t| Cow::Borrowed(t.as_str())),
+        payload,
+    );
+    serde_json::to_string(&r).unwrap_or_default()
+}
+
+impl Record<'_> {
+    fn into_event(self) -> Result<RecordedEvent> {
+        let Record(
+            position,
+            event_id,
+            stream,
+            version,
+            event_type,
+            schema,
+            occurred_us,
+            actor,
+            corr,
+            cause,
+            tp,
+            payload,
+        ) = self;
+        let bad = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(position, format!("{what}: {e}"));
+        Ok(RecordedEvent {
+            position: Position(position as u64),
+            stream_id: StreamId::parse(stream.into_owned()).map_err(|e| bad("stream_id", &e))?,
+            stream_version: StreamVersion(version as u64),
+            event_id: EventId::from_uuid(Uuid::parse_str(&event_id).map_err(|e| bad("event_id", &e))?),
+            event_type: event_type.into_owned(),
+            schema_version: schema,
+            occurred_at: DateTime::from_timestamp_micros(occurred_us)
+                .ok_or_else(|| bad("occurred_at", &occurred_us))?,
+            metadata: EventMetadata {
+                actor: Actor::parse(actor.into_owned()).map_err(|e| bad("actor", &e))?,
+                correlation_id: corr,
+                causation_id: cause.map(EventId::from_uuid),
+                traceparent: tp
+                    .map(|t| TraceParent::parse(t.into_owned()).map_err(|e| bad("traceparent", &e)))
+                    .transpose()?,
+            },
+            payload,
+        })
+    }
 }

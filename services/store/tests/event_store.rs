@@ -57,7 +57,7 @@ async fn append_then_read_returns_what_was_written(db: TestDb) {
         assert_eq!(got.schema_version, sent.schema_version);
         assert_eq!(got.occurred_at, sent.occurred_at);
         assert_eq!(got.metadata, sent.metadata);
-        assert_eq!(got.payload, sent.payload);
+        assert_eq!(got.payload_value(), sent.payload);
     }
     assert_eq!(db.store.read_all(Position::START, 100).await.unwrap(), read);
     assert_eq!(db.store.read_stream(&s, StreamVersion(2), 100).await.unwrap(), read[2..]);
@@ -305,4 +305,22 @@ async fn read_all_pages_in_batches(db: TestDb) {
         pages += 1;
     }
     assert_eq!((pages, after), (3, Position(25)));
+}
+
+/// A row that a foreign writer corrupted is reported with its position, not skipped.
+#[tokio::test]
+async fn sqlite_corrupt_row_is_reported_with_its_position() {
+    let db = TestDb::sqlite().await;
+    db.store.append(&stream("tool-a"), ExpectedVersion::Any, vec![event("x", 1)]).await.unwrap();
+    let kiln_store::Store::Sqlite(_) = &db.store else { unreachable!() };
+    let mut tx = db.store.begin_write().await.unwrap();
+    tx.execute_raw(
+        "INSERT INTO kiln_events VALUES (2, '0192a0b0-0000-7000-8000-000000000000', 'tool-a', 2, 'x', 0, 0, \
+         'key:test', '[2, \"0192a0b0-0000-7000-8000-000000000000\", {not json')",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let err = db.store.read_all(Position::START, 10).await.unwrap_err();
+    assert!(err.to_string().starts_with("corrupt event at position 2: record:"), "{err}");
 }
