@@ -14,11 +14,13 @@ pub mod migrate;
 pub mod postgres;
 pub mod projection;
 pub mod projections;
+mod replay;
 pub mod sqlite;
 mod store;
 mod subscribe;
 
 pub use error::{Result, StoreError};
 pub use event_store::{AppendResult, EventStore, ExpectedVersion};
+pub use replay::replay;
 pub use store::{Backend, Store, StoreOptions};
 pub use subscribe::EventStream;

@@ -195,10 +195,12 @@ impl SqliteStore {
         self.read_page(filter, None, after.0, limit).await
     }
 
-    /// Reads the events `filter` selects as one page: SQLite concatenates their records into a
-    /// JSON array parsed in one pass (sqlx would copy each column of each row into its own
-    /// allocation and hand rows over one at a time, which costs several times more). If the page
-    /// does not parse, it is read again record by record to name the corrupt position.
+    /// Reads the events `filter` selects as one page: SQLite concatenates their records, space
+    /// separated, into one text parsed as a stream of JSON values. (sqlx would copy each column of
+    /// each row into its own allocation and hand rows over one at a time, which costs several
+    /// times more.) Records carry their position, so the page's order is checked here rather than
+    /// trusted to `group_concat`. If the page does not parse, it is read again record by record to
+    /// name the corrupt position.
     async fn read_page(
         &self,
         filter: &str,
@@ -206,10 +208,7 @@ impl SqliteStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
-        let sql = format!(
-            "SELECT '[' || group_concat(record, ',' ORDER BY global_position) || ']' FROM \
-             (SELECT global_position, record FROM kiln_events {filter})"
-        );
+        let sql = format!("SELECT group_concat(record, ' ') FROM (SELECT record FROM kiln_events {filter})");
         let page: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(stream)
             .bind(after as i64)
@@ -217,8 +216,13 @@ impl SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         let Some(page) = page else { return Ok(Vec::new()) };
-        if let Ok(records) = serde_json::from_str::<Vec<Record<'_>>>(&page) {
-            return records.into_iter().map(Record::into_event).collect();
+        let parsed: Result<Vec<Record<'_>>, _> = serde_json::Deserializer::from_str(&page).into_iter().collect();
+        if let Ok(records) = parsed {
+            let mut events = records.into_iter().map(Record::into_event).collect::<Result<Vec<_>>>()?;
+            if !events.is_sorted_by_key(|e| e.position) {
+                events.sort_by_key(|e| e.position);
+            }
+            return Ok(events);
         }
         let sql = format!("SELECT global_position, record FROM kiln_events {filter}");
         let rows: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))

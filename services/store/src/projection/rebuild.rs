@@ -4,6 +4,7 @@
 //! model meanwhile. `rebuild` then swaps the result in, in one short transaction that holds the
 //! checkpoint lock; `verify` compares it with the live tables at the same position and drops it.
 
+use futures::TryStreamExt;
 use kiln_proto::Position;
 use serde::Serialize;
 
@@ -73,8 +74,8 @@ impl Scratch<'_> {
         recreate_tables(&mut tx, self.p, self.prefix).await?;
         tx.commit().await?;
         let mut position = Position::START;
-        while position < until {
-            let events = read_until(self.store, position, until, self.batch_size).await?;
+        let mut pages = std::pin::pin!(crate::replay(self.store, position, until, self.batch_size));
+        while let Some(events) = pages.try_next().await? {
             let Some(last) = events.last().map(|e| e.position) else { break };
             let mut tx = self.store.begin_write().await?;
             apply_events(&mut tx, self.p, self.prefix, &events).await?;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use kiln_proto::{Position, RecordedEvent};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -109,13 +110,20 @@ impl ProjectionRunner {
             None => self.store.head().await?,
         };
         let mut position = checkpoint(&self.store, p.name()).await?;
-        while position < head {
-            let events = read_until(&self.store, position, head, self.options.batch_size).await?;
-            if events.is_empty() {
-                break;
+        'restart: while position < head {
+            // Dropped before a restart: its read-ahead queries hold pool connections.
+            let mut pages = std::pin::pin!(crate::replay(&self.store, position, head, self.options.batch_size));
+            while let Some(events) = pages.try_next().await? {
+                let applied = self.apply_batch(p, position, &events).await?;
+                let moved = applied != events.last().map_or(position, |e| e.position);
+                position = applied;
+                progress(position.0, head.0);
+                if moved {
+                    // Another runner got further: continue from its checkpoint.
+                    continue 'restart;
+                }
             }
-            position = self.apply_batch(p, position, &events).await?;
-            progress(position.0, head.0);
+            break;
         }
         Ok(position)
     }
