@@ -11,6 +11,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::TryStreamExt;
 use kiln_proto::{Actor, EventMetadata, NewEvent, Position, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, Store, StoreOptions};
+use kiln_worker::sandbox::bench::BenchOptions;
 use serde_json::json;
 use sqlx::Connection;
 
@@ -20,6 +21,21 @@ use crate::config::Config;
 pub enum BenchCommand {
     /// Event store: append (single and batched) and replay throughput.
     Store(StoreBench),
+    /// Tool sandbox: warm round trip, cold start, throughput, raw `deno run` start.
+    Sandbox(SandboxBench),
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxBench {
+    /// Sequential warm invocations.
+    #[arg(long, default_value_t = 5_000)]
+    warm: usize,
+    /// New tool versions started.
+    #[arg(long, default_value_t = 30)]
+    cold: usize,
+    /// Invocations for the throughput figure.
+    #[arg(long, default_value_t = 20_000)]
+    throughput: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,8 +63,15 @@ pub struct StoreBench {
     pg_url: String,
 }
 
-pub async fn run(_config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCommand::Sandbox(b) => {
+            let mut opts = BenchOptions::new(config.sandbox_config()?.deno);
+            opts.warm_iterations = b.warm;
+            opts.cold_iterations = b.cold;
+            opts.throughput_invocations = b.throughput;
+            print!("{}", kiln_worker::sandbox::bench::run(opts).await?);
+        }
         BenchCommand::Store(b) => {
             let backends = match b.backend {
                 BenchBackend::Sqlite => vec![BenchBackend::Sqlite],

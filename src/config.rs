@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use kiln_proto::tool::NetHost;
+use kiln_worker::sandbox::{DenoBinary, NetPolicy, PoolConfig, SandboxConfig, SandboxPolicy};
 use serde::{Deserialize, Serialize};
 
 /// The effective configuration.
@@ -25,6 +27,7 @@ pub struct Config {
     pub log: LogConfig,
     pub store: StoreConfig,
     pub projections: ProjectionsConfig,
+    pub sandbox: SandboxSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +55,43 @@ pub struct ProjectionsConfig {
     pub batch_size: usize,
 }
 
+/// The tool sandbox: the server-wide policy every tool's permissions are intersected with, and
+/// the warm process pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    /// Hosts any tool may reach at most (`host` or `host:port`). Unset: a tool gets exactly the
+    /// hosts it declares.
+    pub network_allow: Option<Vec<String>>,
+    /// Allow `npm:` imports in tool code.
+    pub allow_npm: bool,
+    /// Allow `jsr:` imports in tool code.
+    pub allow_jsr: bool,
+    /// Deno's cache for transpiled code and packages; default: a private temporary folder.
+    pub deno_dir: Option<PathBuf>,
+    pub max_processes: usize,
+    pub max_per_tool: usize,
+    pub idle_timeout_ms: u64,
+    /// Replace a process after this many invocations.
+    pub recycle_after: u64,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        let pool = kiln_worker::sandbox::PoolConfig::default();
+        Self {
+            network_allow: None,
+            allow_npm: false,
+            allow_jsr: false,
+            deno_dir: None,
+            max_processes: pool.max_processes,
+            max_per_tool: pool.max_per_tool,
+            idle_timeout_ms: pool.idle_timeout.as_millis() as u64,
+            recycle_after: pool.recycle_after,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -61,6 +101,7 @@ impl Default for Config {
             log: LogConfig::default(),
             store: StoreConfig::default(),
             projections: ProjectionsConfig::default(),
+            sandbox: SandboxSettings::default(),
         }
     }
 }
@@ -93,7 +134,7 @@ pub struct FlagOverrides {
 }
 
 /// Top-level keys: `KILN_*` variables outside these (say `KILN_TEST_PG_URL`) are not config.
-const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections"];
+const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections", "sandbox"];
 
 impl Config {
     /// Loads the layers. `file`: an explicit config file (must exist); otherwise `./kiln.toml`
@@ -147,7 +188,48 @@ impl Config {
         if !(1..=100_000).contains(&self.projections.batch_size) {
             bail!("projections.batch_size: must be between 1 and 100000, got {}", self.projections.batch_size);
         }
+        self.sandbox_policy()?;
+        let s = &self.sandbox;
+        if s.max_processes == 0 || s.max_per_tool == 0 || s.max_per_tool > s.max_processes {
+            bail!(
+                "sandbox: need 1 <= max_per_tool <= max_processes, got max_per_tool {} and max_processes {}",
+                s.max_per_tool,
+                s.max_processes
+            );
+        }
         Ok(())
+    }
+
+    /// The server-wide sandbox policy, with `network_allow` validated host by host.
+    pub fn sandbox_policy(&self) -> anyhow::Result<SandboxPolicy> {
+        let network = match &self.sandbox.network_allow {
+            None => NetPolicy::Unrestricted,
+            Some(hosts) => NetPolicy::AllowList(
+                hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| NetHost::parse(h).with_context(|| format!("sandbox.network_allow[{i}]")))
+                    .collect::<anyhow::Result<_>>()?,
+            ),
+        };
+        Ok(SandboxPolicy { network, allow_npm: self.sandbox.allow_npm, allow_jsr: self.sandbox.allow_jsr })
+    }
+
+    /// Finds the configured deno and checks its version, then assembles the sandbox settings.
+    pub fn sandbox_config(&self) -> anyhow::Result<SandboxConfig> {
+        let deno = DenoBinary::locate(self.deno.as_deref(), None)?;
+        let s = &self.sandbox;
+        let mut config = SandboxConfig::new(deno);
+        config.policy = self.sandbox_policy()?;
+        config.deno_dir = s.deno_dir.clone();
+        config.pool = PoolConfig {
+            max_processes: s.max_processes,
+            max_per_tool: s.max_per_tool,
+            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+            recycle_after: s.recycle_after,
+            ..PoolConfig::default()
+        };
+        Ok(config)
     }
 
     pub fn store_options(&self) -> kiln_store::StoreOptions {
@@ -207,5 +289,11 @@ mod tests {
         let mut c = Config::default();
         c.projections.batch_size = 0;
         assert!(bad(c).starts_with("projections.batch_size"));
+        let mut c = Config::default();
+        c.sandbox.network_allow = Some(vec!["api.example.com".into(), "https://x.com".into()]);
+        assert!(bad(c).starts_with("sandbox.network_allow[1]"));
+        let mut c = Config::default();
+        c.sandbox.max_per_tool = 9;
+        assert!(bad(c).starts_with("sandbox:"));
     }
 }

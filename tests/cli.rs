@@ -21,6 +21,7 @@ async fn serve_on_sqlite_creates_the_store_serves_health_and_stops_on_sigterm() 
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["backend"], "sqlite");
     assert_eq!(body["projections"]["tool_catalog"]["position"], 0);
+    assert!(body["sandbox"]["deno"].as_str().unwrap().starts_with("2.9."), "{body}");
     assert!(dir.path().join(".kiln/kiln.db").is_file(), "the default store is ./.kiln/kiln.db");
     let status = server.terminate();
     assert!(status.success(), "SIGTERM must stop kiln cleanly, got {status}");
@@ -82,6 +83,22 @@ fn invalid_config_is_refused_naming_the_setting() {
 
     let out = run(kiln(dir.path()).args(["config", "--config", "missing.toml"]));
     assert!(stderr(&out).contains("config file missing.toml does not exist"), "{}", stderr(&out));
+}
+
+#[test]
+fn serve_refuses_to_start_without_the_pinned_deno() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(kiln(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]).env("KILN_DENO", "/nowhere/deno"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("deno not found: looked at /nowhere/deno"), "{}", stderr(&out));
+
+    let fake = dir.path().join("deno");
+    std::fs::write(&fake, "#!/bin/sh\necho 'deno 1.46.3 (stable, release, x86_64-unknown-linux-gnu)'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run(kiln(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]).env("KILN_DENO", &fake));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is version 1.46.3, Kiln needs 2.9.x"), "{}", stderr(&out));
+    assert!(!dir.path().join(".kiln").exists(), "nothing is created when start-up fails");
 }
 
 #[test]

@@ -2,16 +2,20 @@
 //! serve HTTP, and stop cleanly on Ctrl-C or SIGTERM.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use kiln_api::{ApiConfig, AppState};
 use kiln_store::projection::{ProjectionRunner, RunnerOptions};
 use kiln_store::projections;
+use kiln_worker::DenoSandbox;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::open_store;
 use crate::config::{Config, redact_url};
 
 pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+    // Checked first: a missing or wrong deno is a start-up error, not a failure at the first run.
+    let sandbox = Arc::new(DenoSandbox::start(config.sandbox_config()?)?);
     let store = open_store(config).await?;
     store.migrate().await?;
     let runner = ProjectionRunner::new(
@@ -22,10 +26,11 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     runner.prepare().await?;
 
     let shutdown = CancellationToken::new();
-    let state = AppState { store: store.clone(), projections: Some(runner.clone()) };
+    let state = AppState { store: store.clone(), projections: Some(runner.clone()), sandbox: Some(sandbox.clone()) };
     let app = kiln_api::build(&ApiConfig { listen: config.listen }, state).await?;
     let addr = app.local_addr();
-    tracing::info!(%addr, database = %redact_url(&config.database_url), "kiln serving");
+    let deno = &sandbox.config().deno;
+    tracing::info!(%addr, database = %redact_url(&config.database_url), deno = %deno.path().display(), "kiln serving");
     println!("kiln listening on http://{addr}");
 
     let projections = tokio::spawn(runner.run(shutdown.clone()));
@@ -33,6 +38,7 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     let served = app.run(shutdown.clone()).await;
     shutdown.cancel();
     let _ = projections.await;
+    sandbox.shutdown();
     store.close().await;
     served?;
     tracing::info!("kiln stopped");

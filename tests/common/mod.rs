@@ -13,7 +13,15 @@ pub fn kiln_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
-/// A `kiln` command in `dir`, with no `KILN_*` variables inherited from the test's environment.
+/// The project's own deno (scripts/install-deno.sh). Tests fail, never skip, without it.
+pub fn project_deno() -> PathBuf {
+    let deno = Path::new(env!("CARGO_MANIFEST_DIR")).join(".kiln/tools/bin/deno");
+    assert!(deno.is_file(), "{} is missing: run scripts/install-deno.sh", deno.display());
+    deno
+}
+
+/// A `kiln` command in `dir`, with no `KILN_*` variables inherited from the test's environment
+/// except `KILN_DENO`, pointed at the project's deno.
 pub fn kiln(dir: &Path) -> Command {
     let mut cmd = Command::new(kiln_bin());
     cmd.current_dir(dir);
@@ -22,7 +30,7 @@ pub fn kiln(dir: &Path) -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("RUST_LOG", "warn");
+    cmd.env("RUST_LOG", "warn").env("KILN_DENO", project_deno());
     cmd
 }
 

@@ -19,10 +19,24 @@ async fn livez() -> Json<Value> {
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let projections = state.projections.as_ref().map(|p| json!(p.status())).unwrap_or(Value::Null);
+    let sandbox = state.sandbox.as_ref().map_or(Value::Null, |s| {
+        let stats = s.pool_stats();
+        json!({
+            "deno": s.config().deno.version(),
+            "processes": stats.processes,
+            "busy": stats.busy,
+            "idle": stats.idle,
+        })
+    });
     match state.store.ready().await {
         Ok(true) => (
             StatusCode::OK,
-            Json(json!({"status": "ready", "backend": state.store.backend(), "projections": projections})),
+            Json(json!({
+                "status": "ready",
+                "backend": state.store.backend(),
+                "projections": projections,
+                "sandbox": sandbox,
+            })),
         ),
         Ok(false) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -7,10 +7,12 @@
 mod health;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
 use kiln_store::Store;
 use kiln_store::projection::ProjectionRunner;
+use kiln_worker::DenoSandbox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,8 @@ pub struct AppState {
     pub store: Store,
     /// The projection runner of this process, for readiness details; None if it runs elsewhere.
     pub projections: Option<ProjectionRunner>,
+    /// The tool sandbox of this process.
+    pub sandbox: Option<Arc<DenoSandbox>>,
 }
 
 /// A bound, ready-to-run API server.
