@@ -102,6 +102,29 @@ pub enum ErrorKind {
     Cancelled,
 }
 
+impl ErrorKind {
+    /// The kind's name on the wire: `user_error`, `timeout`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserError => "user_error",
+            Self::Timeout => "timeout",
+            Self::Oom => "oom",
+            Self::PermissionDenied => "permission_denied",
+            Self::InvalidOutput => "invalid_output",
+            Self::InvalidArguments => "invalid_arguments",
+            Self::SandboxCrash => "sandbox_crash",
+            Self::CodeInvalid => "code_invalid",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error from tool code or the sandbox, as recorded in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -314,6 +337,9 @@ mod tests {
         assert_eq!(payload["error"]["kind"], json!("timeout"));
         assert_eq!(payload["retry"]["decision"], json!("retry"));
         assert_eq!(DomainEvent::decode(e.event_type(), 1, &payload.to_string()).unwrap(), e);
+        for kind in [ErrorKind::UserError, ErrorKind::PermissionDenied, ErrorKind::Oom] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
+        }
     }
 
     #[test]

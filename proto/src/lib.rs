@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod events;
 pub mod ids;
 pub mod job;
+pub mod run;
 pub mod tool;
 
 pub use envelope::{Actor, EventMetadata, NewEvent, RecordedEvent, TraceParent};
