@@ -19,7 +19,82 @@ backend_tests!(
     verify_reports_a_tampered_read_model,
     two_runners_apply_each_event_once,
     version_change_rebuilds_the_projection,
+    runs_read_model_follows_attempts_and_outcomes,
 );
+
+fn run_events(run: kiln_proto::RunId, fail_first: bool, outcome_ok: bool) -> Vec<NewEvent> {
+    use kiln_proto::events::*;
+    let err =
+        || RunError { kind: ErrorKind::Timeout, message: "slow".into(), name: None, stack: None, non_retryable: false };
+    let now = kiln_proto::envelope::now_micros();
+    let mut events = vec![
+        domain(RunRequested {
+            run_id: run,
+            tool: name("add"),
+            tool_version: 1,
+            arguments: serde_json::json!({"a": 1}),
+            idempotency_key: Some("k1".into()),
+            parent_run: None,
+            replay_of: None,
+        }),
+        domain(RunAttemptStarted { attempt: 1, worker_id: "w".into(), lease_expires_at: now }),
+    ];
+    if fail_first {
+        events.push(domain(RunAttemptFailed {
+            attempt: 1,
+            error: err(),
+            retry: RetryDecision::Retry { delay_ms: 10, next_attempt_at: now },
+        }));
+        events.push(domain(RunAttemptStarted { attempt: 2, worker_id: "w".into(), lease_expires_at: now }));
+    }
+    let attempt = if fail_first { 2 } else { 1 };
+    if outcome_ok {
+        events.push(domain(RunSucceeded { attempt, output: serde_json::json!({"sum": 3}) }));
+    } else {
+        events.push(domain(RunAttemptFailed {
+            attempt,
+            error: err(),
+            retry: RetryDecision::GiveUp { reason: "done".into() },
+        }));
+        events.push(domain(RunFailed { attempts: attempt, error: err() }));
+    }
+    events
+}
+
+async fn runs_read_model_follows_attempts_and_outcomes(db: TestDb) {
+    let r = ProjectionRunner::new(db.store.clone(), kiln_store::projections::all(), RunnerOptions::default());
+    r.prepare().await.unwrap();
+    let (ok, bad) = (kiln_proto::RunId::new(), kiln_proto::RunId::new());
+    let ok_events = run_events(ok, true, true);
+    // Only the request and the first attempt: the run is in flight.
+    append(&db.store, &format!("run-{ok}"), ok_events[..2].to_vec()).await;
+    r.catch_up().await.unwrap();
+    let row = |store: Store, id: kiln_proto::RunId| async move {
+        let mut tx = store.begin_read().await.unwrap();
+        let rows = tx
+            .fetch_text_rows(&format!(
+                "SELECT status, CAST(attempts AS TEXT), output, error, idempotency_key FROM runs WHERE run_id = '{id}'"
+            ))
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        rows.into_iter().next().unwrap()
+    };
+    assert_eq!(row(db.store.clone(), ok).await[..2], [Some("running".into()), Some("1".into())]);
+    append(&db.store, &format!("run-{ok}"), ok_events[2..].to_vec()).await;
+    append(&db.store, &format!("run-{bad}"), run_events(bad, false, false)).await;
+    r.catch_up().await.unwrap();
+    let done = row(db.store.clone(), ok).await;
+    assert_eq!(done[..3], [Some("succeeded".into()), Some("2".into()), Some(r#"{"sum":3}"#.into())]);
+    assert_eq!(done[4].as_deref(), Some("k1"));
+    let failed = row(db.store.clone(), bad).await;
+    assert_eq!(failed[0].as_deref(), Some("failed"));
+    assert!(failed[3].as_deref().unwrap().contains(r#""kind":"timeout""#));
+    for p in kiln_store::projections::all() {
+        let report = projection::verify(&r, p.as_ref(), 2).await.unwrap();
+        assert!(report.ok(), "{}: {:?}", p.name(), report.differences);
+    }
+}
 
 fn runner(store: &Store, options: RunnerOptions) -> ProjectionRunner {
     ProjectionRunner::new(store.clone(), vec![std::sync::Arc::new(ToolCatalog)], options)
