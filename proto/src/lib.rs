@@ -5,12 +5,14 @@
 //! once, with its wire format (camelCase JSON, as MCP uses) and its validation, so the store,
 //! the worker and the API cannot disagree about what an event or a tool is.
 
+pub mod arguments;
 pub mod envelope;
 pub mod events;
 pub mod ids;
 pub mod job;
 pub mod run;
 pub mod tool;
+pub mod tool_state;
 
 pub use envelope::{Actor, EventMetadata, NewEvent, RecordedEvent, TraceParent};
 pub use events::{DecodeError, DomainEvent};
