@@ -62,6 +62,19 @@ uuid_v7_id!(
     RunId
 );
 
+impl EventId {
+    /// A deterministic id (UUIDv8 from SHA-256) for an event that must be appended at most once
+    /// per key, e.g. the request of a run with an idempotency key: a second append with the same
+    /// id is recognised by the store instead of recorded twice.
+    pub fn for_key(key: &str) -> EventId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(key.as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        EventId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+}
+
 /// Position of an event in the global log: gapless, starting at 1, in commit order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(transparent)]
@@ -168,6 +181,13 @@ mod tests {
         assert!(StreamId::parse("").is_err());
         assert!(StreamId::parse("a b").is_err());
         assert!(StreamId::parse("x".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn keyed_event_ids_are_deterministic_uuids() {
+        assert_eq!(EventId::for_key("a"), EventId::for_key("a"));
+        assert_ne!(EventId::for_key("a"), EventId::for_key("b"));
+        assert_eq!(EventId::for_key("a").as_uuid().get_version_num(), 8);
     }
 
     #[test]

@@ -18,6 +18,8 @@ mod replay;
 pub mod sqlite;
 mod store;
 mod subscribe;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{Result, StoreError};
 pub use event_store::{AppendResult, EventStore, ExpectedVersion};

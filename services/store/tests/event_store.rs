@@ -15,7 +15,7 @@ use kiln_store::{EventStore, ExpectedVersion, StoreError};
 use rand::Rng;
 use uuid::Uuid;
 
-backend_tests!(
+kiln_store::backend_tests!(
     append_then_read_returns_what_was_written,
     expected_version_cases,
     concurrent_writers_on_one_stream_exactly_one_wins,

@@ -11,7 +11,7 @@ use kiln_store::projection::{self, Projection, ProjectionRunner, RunnerOptions, 
 use kiln_store::projections::ToolCatalog;
 use kiln_store::{EventStore, ExpectedVersion, Store, StoreError};
 
-backend_tests!(
+kiln_store::backend_tests!(
     catalog_follows_a_tools_life,
     crash_between_handlers_and_checkpoint_then_resume_equals_clean_rebuild,
     rebuild_equals_live_after_10000_events,
@@ -293,10 +293,7 @@ async fn unknown_and_malformed_events_stop_the_projection_at_their_position(db: 
     assert_eq!(r.catch_up().await.unwrap_err().to_string(), err.to_string(), "it stays stopped");
 
     // A known type with a malformed payload is reported the same way.
-    let db2 = match db.store.backend() {
-        kiln_store::Backend::Sqlite => TestDb::sqlite().await,
-        kiln_store::Backend::Postgres => TestDb::postgres().await,
-    };
+    let db2 = db.another().await;
     let r2 = runner(&db2.store, RunnerOptions::default());
     r2.prepare().await.unwrap();
     let mut bad = event("tool.created", 1);

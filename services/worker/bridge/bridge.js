@@ -444,8 +444,15 @@ function makeCtx(inv, f) {
       const found = await hostCall(inv, "step.lookup", { key: String(key) });
       if (found && found.found) return found.value;
       const value = await fn();
-      await hostCall(inv, "step.record", { key: String(key), value: value === undefined ? null : value });
-      return value;
+      // The recorded (JSON) value is returned, so a first run and a resumed one see the same thing.
+      const recorded = await hostCall(inv, "step.record", { key: String(key), value: value === undefined ? null : value });
+      return recorded && typeof recorded === "object" && "value" in recorded ? recorded.value : value;
+    },
+    // Fails the run without retrying it: for errors another attempt would repeat.
+    fail(message) {
+      const e = new Error(String(message));
+      e.name = "NonRetryableError";
+      throw e;
     },
     tools: Object.freeze({
       call: (name, args) => hostCall(inv, "tools.call", { name: String(name), args: args ?? {} }),

@@ -1,0 +1,94 @@
+//! Runs: requesting an invocation of a tool, and executing one attempt of it.
+//!
+//! The run's stream is the truth. A request appends `run.requested` (exact tool version,
+//! validated arguments, idempotency key); executing folds the stream to find what is left,
+//! appends `run.attempt_started` at the version it read (so two workers cannot both start the
+//! same attempt), answers the tool's durable steps from the recorded ones and records new ones,
+//! and appends the outcome with the retry decision, again at the version it last wrote. A worker
+//! whose view is stale (its lease was lost and someone else moved on) is fenced out by the
+//! store's expected-version check and records nothing. Queueing (who executes when) is not
+//! decided here.
+
+mod execute;
+mod host;
+mod request;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto::arguments::ArgumentValidator;
+use kiln_proto::tool_state::ToolState;
+use kiln_proto::{StreamId, StreamVersion, ToolName};
+use kiln_store::{EventStore, Store};
+
+pub use execute::{AttemptOutcome, ExecuteError};
+pub use request::{RequestError, Requested, RunRequest};
+
+use crate::sandbox::Sandbox;
+
+/// Requests and executes runs against one store and one sandbox.
+#[derive(Debug, Clone)]
+pub struct RunEngine {
+    store: Store,
+    sandbox: Arc<dyn Sandbox>,
+    /// Names this worker in `run.attempt_started` (and so in leases).
+    worker_id: String,
+    /// Added to a tool's timeout to make an attempt's lease: an attempt cannot outlive its
+    /// timeout, so a lease that long needs no renewal to stay truthful.
+    lease_margin: Duration,
+    /// Compiled input schemas by tool version.
+    validators: Arc<Mutex<Validators>>,
+}
+
+type Validators = HashMap<(ToolName, u32), Arc<ArgumentValidator>>;
+
+impl RunEngine {
+    pub fn new(store: Store, sandbox: Arc<dyn Sandbox>, worker_id: impl Into<String>) -> Self {
+        Self {
+            store,
+            sandbox,
+            worker_id: worker_id.into(),
+            lease_margin: Duration::from_secs(30),
+            validators: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The tool as its stream says it is now.
+    pub async fn tool_state(&self, name: &ToolName) -> Result<Option<ToolState>, ExecuteError> {
+        let events = read_stream(&self.store, &StreamId::tool(name)).await?;
+        Ok(ToolState::fold(&events)?)
+    }
+
+    fn validator(&self, state: &ToolState, version: u32) -> Result<Arc<ArgumentValidator>, ExecuteError> {
+        let key = (state.name.clone(), version);
+        let mut cache = self.validators.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let definition = &state.versions.get(&version).ok_or(ExecuteError::UnknownVersion(version))?.definition;
+        let v = Arc::new(ArgumentValidator::new(definition).map_err(ExecuteError::Schema)?);
+        cache.insert(key, v.clone());
+        Ok(v)
+    }
+}
+
+/// Every event of a stream (streams of tools and runs are short).
+async fn read_stream(
+    store: &Store,
+    stream: &StreamId,
+) -> Result<Vec<kiln_proto::RecordedEvent>, kiln_store::StoreError> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().map_or(StreamVersion(0), |e: &kiln_proto::RecordedEvent| e.stream_version);
+        let page = store.read_stream(stream, after, 1_000).await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}

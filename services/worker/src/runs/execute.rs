@@ -1,0 +1,247 @@
+//! Executing one attempt of a run.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use kiln_proto::envelope::now_micros;
+use kiln_proto::events::{
+    ErrorKind, RetryDecision, RunAttemptFailed, RunAttemptStarted, RunError, RunFailed, RunSucceeded, RunTimedOut,
+};
+use kiln_proto::run::{InvalidRunStream, RunState, RunStatus};
+use kiln_proto::{Actor, DecodeError, DomainEvent, EventMetadata, NewEvent, RunId, StreamId};
+use kiln_store::{EventStore, ExpectedVersion, StoreError};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::host::{StepHost, StepState};
+use super::{RunEngine, read_stream};
+use crate::sandbox::{Invocation, SandboxError, ToolVersion};
+
+/// How executing a run went, from the queue's point of view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    /// The run has ended (now, or before this worker looked).
+    Finished(RunStatus),
+    /// The next attempt may start at this time.
+    RetryAt(DateTime<Utc>),
+    /// Another worker holds the run until then.
+    Leased { until: DateTime<Utc> },
+    /// Someone else wrote to the run meanwhile; this worker recorded nothing more.
+    Fenced,
+    /// The worker was asked to stop; the attempt was left for its lease to expire.
+    Abandoned,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecuteError {
+    #[error("no run {0}")]
+    UnknownRun(RunId),
+    #[error("the run's tool has no version {0}")]
+    UnknownVersion(u32),
+    #[error("input schema does not compile: {0}")]
+    Schema(String),
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    InvalidStream(#[from] InvalidRunStream),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RunEngine {
+    /// Executes the next attempt of `run_id`, if there is one to make now.
+    pub async fn execute(&self, run_id: RunId, stop: CancellationToken) -> Result<AttemptOutcome, ExecuteError> {
+        let stream = StreamId::run(run_id);
+        let events = read_stream(&self.store, &stream).await?;
+        let decoded =
+            events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
+        let state = RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?.ok_or(ExecuteError::UnknownRun(run_id))?;
+        let first = events.first().ok_or(ExecuteError::UnknownRun(run_id))?;
+        let metadata = EventMetadata {
+            actor: Actor::system("worker"),
+            correlation_id: first.metadata.correlation_id,
+            causation_id: Some(first.event_id),
+            traceparent: first.metadata.traceparent.clone(),
+        };
+        let tool = self
+            .tool_state(&state.request.tool)
+            .await?
+            .ok_or(ExecuteError::UnknownVersion(state.request.tool_version))?;
+        let definition = &tool
+            .versions
+            .get(&state.request.tool_version)
+            .ok_or(ExecuteError::UnknownVersion(state.request.tool_version))?
+            .definition;
+        let record = Recorder { engine: self, stream: &stream, metadata: &metadata, run_id };
+
+        let mut version = state.version;
+        let now = now_micros();
+        match &state.status {
+            s if s.is_terminal() => return Ok(AttemptOutcome::Finished(s.clone())),
+            RunStatus::Running { lease_expires_at, .. } if *lease_expires_at > now => {
+                return Ok(AttemptOutcome::Leased { until: *lease_expires_at });
+            }
+            RunStatus::Running { attempt, worker_id, .. } => {
+                // The holder died or stalled past its lease: its attempt failed.
+                let error = RunError {
+                    kind: ErrorKind::SandboxCrash,
+                    message: format!("worker {worker_id} lost its lease on attempt {attempt}"),
+                    name: None,
+                    stack: None,
+                    non_retryable: false,
+                };
+                match record.failure(version, *attempt, error, definition.retry).await? {
+                    Recorded::Written(v, None) => version = v,
+                    Recorded::Written(_, Some(outcome)) => return Ok(outcome),
+                    Recorded::Fenced => return Ok(AttemptOutcome::Fenced),
+                }
+            }
+            RunStatus::RetryScheduled { next_attempt_at, .. } if *next_attempt_at > now => {
+                return Ok(AttemptOutcome::RetryAt(*next_attempt_at));
+            }
+            _ => {}
+        }
+
+        let attempt = state.attempts + 1;
+        let lease = chrono::Duration::from_std(
+            std::time::Duration::from_millis(definition.limits.timeout_ms) + self.lease_margin,
+        )
+        .unwrap_or_default();
+        let started = DomainEvent::from(RunAttemptStarted {
+            attempt,
+            worker_id: self.worker_id.clone(),
+            lease_expires_at: now_micros() + lease,
+        });
+        match record.append(version, vec![started]).await? {
+            Some(v) => version = v,
+            None => return Ok(AttemptOutcome::Fenced),
+        }
+
+        let host = Arc::new(StepHost {
+            store: self.store.clone(),
+            stream: stream.clone(),
+            attempt,
+            metadata: metadata.clone(),
+            fenced: CancellationToken::new(),
+            state: tokio::sync::Mutex::new(StepState { version, recorded: state.steps.clone(), used: HashSet::new() }),
+        });
+        let mut invocation = Invocation::new(
+            Arc::new(ToolVersion::new(definition, state.request.tool_version)),
+            state.request.arguments.clone(),
+        );
+        invocation.run_id = run_id;
+        invocation.attempt = attempt;
+        invocation.host = Some(host.clone());
+        let cancel = invocation.cancel.clone();
+        let (fenced, stopping) = (host.fenced.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            tokio::select! {
+                _ = fenced.cancelled() => cancel.cancel(),
+                _ = stopping.cancelled() => cancel.cancel(),
+            }
+        });
+        let result = self.sandbox.invoke(invocation).await;
+        watcher.abort();
+        if host.fenced.is_cancelled() {
+            return Ok(AttemptOutcome::Fenced);
+        }
+        let version = host.state.lock().await.version;
+        match result {
+            Ok(out) => {
+                let output = match out.value {
+                    Value::Object(map) => Value::Object(map),
+                    other => json!({ "result": other }),
+                };
+                let done = DomainEvent::from(RunSucceeded { attempt, output });
+                Ok(match record.append(version, vec![done]).await? {
+                    Some(_) => AttemptOutcome::Finished(RunStatus::Succeeded),
+                    None => AttemptOutcome::Fenced,
+                })
+            }
+            Err(SandboxError::Cancelled) if stop.is_cancelled() => Ok(AttemptOutcome::Abandoned),
+            Err(e) => {
+                let mut error = e.to_run_error();
+                error.non_retryable |= error.name.as_deref() == Some("NonRetryableError");
+                Ok(match record.failure(version, attempt, error, definition.retry).await? {
+                    Recorded::Written(_, Some(outcome)) => outcome,
+                    Recorded::Written(_, None) => AttemptOutcome::RetryAt(now_micros()),
+                    Recorded::Fenced => AttemptOutcome::Fenced,
+                })
+            }
+        }
+    }
+}
+
+enum Recorded {
+    /// Appended; the new stream version, and the outcome if the run ended or must wait.
+    Written(kiln_proto::StreamVersion, Option<AttemptOutcome>),
+    Fenced,
+}
+
+/// Appends to one run's stream at an expected version.
+struct Recorder<'a> {
+    engine: &'a RunEngine,
+    stream: &'a StreamId,
+    metadata: &'a EventMetadata,
+    run_id: RunId,
+}
+
+impl Recorder<'_> {
+    /// Appends at `version`; `None` if the stream moved on (fenced).
+    async fn append(
+        &self,
+        version: kiln_proto::StreamVersion,
+        events: Vec<DomainEvent>,
+    ) -> Result<Option<kiln_proto::StreamVersion>, ExecuteError> {
+        let events = events.iter().map(|e| NewEvent::from_domain(e, self.metadata.clone())).collect();
+        match self.engine.store.append(self.stream, ExpectedVersion::Exact(version), events).await {
+            Ok(r) => Ok(Some(r.stream_version)),
+            Err(StoreError::WrongExpectedVersion { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records a failed attempt with the retry decision, and the run's end if it gives up.
+    async fn failure(
+        &self,
+        version: kiln_proto::StreamVersion,
+        attempt: u32,
+        error: RunError,
+        policy: kiln_proto::tool::RetryPolicy,
+    ) -> Result<Recorded, ExecuteError> {
+        let now = now_micros();
+        let decision = policy.decide(attempt, &error, now, jitter(self.run_id, attempt));
+        let mut events =
+            vec![DomainEvent::from(RunAttemptFailed { attempt, error: error.clone(), retry: decision.clone() })];
+        let outcome = match &decision {
+            RetryDecision::Retry { next_attempt_at, .. } if *next_attempt_at > now => {
+                Some(AttemptOutcome::RetryAt(*next_attempt_at))
+            }
+            RetryDecision::Retry { .. } => None,
+            RetryDecision::GiveUp { .. } if error.kind == ErrorKind::Timeout => {
+                events.push(RunTimedOut { attempts: attempt, timeout_ms: 0 }.into());
+                Some(AttemptOutcome::Finished(RunStatus::TimedOut))
+            }
+            RetryDecision::GiveUp { .. } => {
+                events.push(RunFailed { attempts: attempt, error }.into());
+                Some(AttemptOutcome::Finished(RunStatus::Failed))
+            }
+        };
+        Ok(match self.append(version, events).await? {
+            Some(v) => Recorded::Written(v, outcome),
+            None => Recorded::Fenced,
+        })
+    }
+}
+
+/// A uniform number in [0, 1) fixed by run and attempt: jitter that differs between runs yet
+/// replays identically.
+fn jitter(run_id: RunId, attempt: u32) -> f64 {
+    let bits = run_id.as_uuid().as_u128() ^ (u128::from(attempt) * 0x9E37_79B9_7F4A_7C15);
+    let mixed = (bits as u64) ^ ((bits >> 64) as u64);
+    (mixed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
