@@ -9,6 +9,8 @@
 //! store's expected-version check and records nothing. Queueing (who executes when) is not
 //! decided here.
 
+mod cancel;
+mod children;
 mod execute;
 mod host;
 mod request;
@@ -19,9 +21,11 @@ use std::time::Duration;
 
 use kiln_proto::arguments::ArgumentValidator;
 use kiln_proto::tool_state::ToolState;
-use kiln_proto::{StreamId, StreamVersion, ToolName};
+use kiln_proto::{RunId, StreamId, StreamVersion, ToolName};
 use kiln_store::{EventStore, Store};
+use tokio_util::sync::CancellationToken;
 
+pub use cancel::Cancelled;
 pub use execute::{AttemptOutcome, ExecuteError};
 pub use request::{RequestError, Requested, RunRequest};
 
@@ -39,6 +43,12 @@ pub struct RunEngine {
     lease_margin: Duration,
     /// Compiled input schemas by tool version.
     validators: Arc<Mutex<Validators>>,
+    /// Runs executing in this process, to stop at once when cancelled.
+    inflight: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
+    /// How deep child runs may nest (a run calling a tool that calls a tool...). A parent waits
+    /// on its sandbox process while its child runs, so keep this below the sandbox's
+    /// `max_per_tool` if tools may call themselves.
+    max_depth: usize,
 }
 
 type Validators = HashMap<(ToolName, u32), Arc<ArgumentValidator>>;
@@ -51,7 +61,15 @@ impl RunEngine {
             worker_id: worker_id.into(),
             lease_margin: Duration::from_secs(30),
             validators: Arc::default(),
+            inflight: Arc::default(),
+            max_depth: 3,
         }
+    }
+
+    /// Sets how deep child runs may nest (default 3).
+    pub fn with_max_depth(mut self, depth: usize) -> Self {
+        self.max_depth = depth.max(1);
+        self
     }
 
     pub fn store(&self) -> &Store {

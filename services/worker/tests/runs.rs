@@ -18,7 +18,7 @@ use kiln_proto::{
 };
 use kiln_store::testing::TestDb;
 use kiln_store::{EventStore, ExpectedVersion, Store};
-use kiln_worker::runs::{AttemptOutcome, RequestError, RunEngine, RunRequest};
+use kiln_worker::runs::{AttemptOutcome, Cancelled, RequestError, RunEngine, RunRequest};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -33,10 +33,21 @@ kiln_store::backend_tests!(
     a_step_key_used_twice_is_an_error,
     a_stale_attempt_cannot_record_anything,
     an_expired_lease_is_taken_over,
+    a_queued_run_can_be_cancelled_and_never_starts,
+    a_running_run_is_stopped_by_cancellation,
+    a_parent_waits_for_its_child_and_gets_its_output,
+    a_child_failure_surfaces_in_the_parent,
+    recursion_beyond_the_depth_limit_and_cycles_are_refused,
 );
 
+/// An engine whose sandbox has room for a parent, its child and its grandchild at once: a parent
+/// keeps its process while it waits (see `RunEngine::with_max_depth`).
 fn engine(db: &TestDb) -> RunEngine {
-    RunEngine::new(db.store.clone(), Arc::new(common::sandbox()), "test-worker")
+    let sandbox = common::sandbox_with(|c| {
+        c.pool.max_processes = 8;
+        c.pool.max_per_tool = 4;
+    });
+    RunEngine::new(db.store.clone(), Arc::new(sandbox), "test-worker")
 }
 
 async fn create_tool(store: &Store, definition: Value) -> ToolDefinition {
@@ -399,4 +410,130 @@ async fn an_expired_lease_is_taken_over(db: TestDb) {
     let DomainEvent::RunAttemptFailed(f) = &evs[2] else { unreachable!() };
     assert_eq!(f.error.message, "worker dead-worker lost its lease on attempt 1");
     assert_eq!(f.error.kind.as_str(), "sandbox_crash");
+}
+
+async fn a_queued_run_can_be_cancelled_and_never_starts(db: TestDb) {
+    create_tool(&db.store, json!({"name": "ok", "description": "d", "code": "return {}"})).await;
+    let engine = engine(&db);
+    let run = engine.request(request("ok", json!({}))).await.unwrap().run_id;
+    let boss = Actor::parse("key:boss").unwrap();
+    assert_eq!(engine.cancel(run, boss.clone(), Some("changed my mind".into())).await.unwrap(), Cancelled::Cancelled);
+    assert_eq!(
+        engine.execute(run, CancellationToken::new()).await.unwrap(),
+        AttemptOutcome::Finished(RunStatus::Cancelled)
+    );
+    assert_eq!(engine.cancel(run, boss.clone(), None).await.unwrap(), Cancelled::AlreadyEnded(RunStatus::Cancelled));
+    let recorded = db.store.read_stream(&StreamId::run(run), StreamVersion(0), 10).await.unwrap();
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(recorded[1].metadata.actor, boss, "the event records who cancelled");
+    let DomainEvent::RunCancelled(c) = recorded[1].decode().unwrap() else { unreachable!() };
+    assert_eq!((c.cancelled_by, c.reason.as_deref()), (Some(boss), Some("changed my mind")));
+}
+
+async fn a_running_run_is_stopped_by_cancellation(db: TestDb) {
+    create_tool(
+        &db.store,
+        json!({
+            "name": "sleeper", "description": "d",
+            "code": "await new Promise((r) => setTimeout(r, 60000)); return {}",
+            "limits": {"timeoutMs": 120000}
+        }),
+    )
+    .await;
+    let engine = engine(&db);
+    let run = engine.request(request("sleeper", json!({}))).await.unwrap().run_id;
+    let executing = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.execute(run, CancellationToken::new()).await.unwrap() })
+    };
+    // Wait for the attempt to be recorded as started: the run is now running.
+    for _ in 0..500 {
+        if events(&db.store, run).await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.cancel(run, Actor::local(), None).await.unwrap(), Cancelled::Cancelled);
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(20), executing).await.expect("stopped promptly");
+    assert_eq!(outcome.unwrap(), AttemptOutcome::Fenced);
+    assert_eq!(types(&events(&db.store, run).await), ["run.requested", "run.attempt_started", "run.cancelled"]);
+}
+
+async fn a_parent_waits_for_its_child_and_gets_its_output(db: TestDb) {
+    create_tool(&db.store, json!({"name": "double", "description": "d", "code": "(a) => a.x * 2"})).await;
+    create_tool(
+        &db.store,
+        json!({
+            "name": "parent", "description": "d",
+            "code": "export default async (args, ctx) => ({ got: await ctx.tools.call('double', { x: args.x }) })"
+        }),
+    )
+    .await;
+    let engine = engine(&db);
+    let run = engine.request(request("parent", json!({"x": 3}))).await.unwrap().run_id;
+    assert_eq!(run_to_end(&engine, run).await, RunStatus::Succeeded);
+    let evs = events(&db.store, run).await;
+    let DomainEvent::RunSucceeded(s) = evs.last().unwrap() else { unreachable!() };
+    assert_eq!(s.output, json!({"got": {"result": 6}}));
+    let DomainEvent::RunStepCompleted(journal) = &evs[2] else { panic!("{:?}", types(&evs)) };
+    assert_eq!(journal.key, "tools.call#1");
+    let child: RunId = journal.result["runId"].as_str().unwrap().parse().unwrap();
+    let DomainEvent::RunRequested(child_request) = &events(&db.store, child).await[0] else { unreachable!() };
+    assert_eq!(child_request.parent_run, Some(run));
+    assert_eq!(child_request.tool.as_str(), "double");
+}
+
+async fn a_child_failure_surfaces_in_the_parent(db: TestDb) {
+    let once = json!({"maxAttempts": 1});
+    create_tool(
+        &db.store,
+        json!({"name": "broken", "description": "d", "code": "throw new Error('no such city')", "retry": once}),
+    )
+    .await;
+    create_tool(
+        &db.store,
+        json!({
+            "name": "caller", "description": "d", "retry": once,
+            "code": "return await ctx.tools.call('broken', {})"
+        }),
+    )
+    .await;
+    let engine = engine(&db);
+    let run = engine.request(request("caller", json!({}))).await.unwrap().run_id;
+    assert_eq!(run_to_end(&engine, run).await, RunStatus::Failed);
+    let DomainEvent::RunFailed(f) = events(&db.store, run).await.last().cloned().unwrap() else { unreachable!() };
+    assert!(f.error.message.contains("failed: no such city"), "{}", f.error.message);
+}
+
+async fn recursion_beyond_the_depth_limit_and_cycles_are_refused(db: TestDb) {
+    let once = json!({"maxAttempts": 1});
+    create_tool(&db.store, json!({
+        "name": "recur", "description": "d", "retry": once,
+        "code": "if (args.n === 0) return { depth: 0 }; const r = await ctx.tools.call('recur', { n: args.n - 1 }); return { depth: r.depth + 1 };"
+    })).await;
+    create_tool(
+        &db.store,
+        json!({
+            "name": "forever", "description": "d", "retry": once,
+            "code": "return await ctx.tools.call('forever', args)"
+        }),
+    )
+    .await;
+    let engine = engine(&db).with_max_depth(3);
+    let shallow = engine.request(request("recur", json!({"n": 2}))).await.unwrap().run_id;
+    assert_eq!(run_to_end(&engine, shallow).await, RunStatus::Succeeded);
+    let DomainEvent::RunSucceeded(s) = events(&db.store, shallow).await.last().cloned().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(s.output, json!({"depth": 2}));
+
+    let deep = engine.request(request("recur", json!({"n": 5}))).await.unwrap().run_id;
+    assert_eq!(run_to_end(&engine, deep).await, RunStatus::Failed);
+    let DomainEvent::RunFailed(f) = events(&db.store, deep).await.last().cloned().unwrap() else { unreachable!() };
+    assert!(f.error.message.contains("would nest runs 4 deep; the limit is 3"), "{}", f.error.message);
+
+    let cycle = engine.request(request("forever", json!({"same": true}))).await.unwrap().run_id;
+    assert_eq!(run_to_end(&engine, cycle).await, RunStatus::Failed);
+    let DomainEvent::RunFailed(f) = events(&db.store, cycle).await.last().cloned().unwrap() else { unreachable!() };
+    assert!(f.error.message.contains("a cycle that would never end"), "{}", f.error.message);
 }

@@ -122,12 +122,20 @@ impl RunEngine {
         }
 
         let host = Arc::new(StepHost {
+            engine: self.clone(),
+            request: state.request.clone(),
+            requester: first.metadata.actor.clone(),
             store: self.store.clone(),
             stream: stream.clone(),
             attempt,
             metadata: metadata.clone(),
             fenced: CancellationToken::new(),
-            state: tokio::sync::Mutex::new(StepState { version, recorded: state.steps.clone(), used: HashSet::new() }),
+            state: tokio::sync::Mutex::new(StepState {
+                version,
+                recorded: state.steps.clone(),
+                used: HashSet::new(),
+                calls: 0,
+            }),
         });
         let mut invocation = Invocation::new(
             Arc::new(ToolVersion::new(definition, state.request.tool_version)),
@@ -137,15 +145,19 @@ impl RunEngine {
         invocation.attempt = attempt;
         invocation.host = Some(host.clone());
         let cancel = invocation.cancel.clone();
+        let cancelled_here = CancellationToken::new();
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).insert(run_id, cancelled_here.clone());
         let (fenced, stopping) = (host.fenced.clone(), stop.clone());
         let watcher = tokio::spawn(async move {
             tokio::select! {
                 _ = fenced.cancelled() => cancel.cancel(),
                 _ = stopping.cancelled() => cancel.cancel(),
+                _ = cancelled_here.cancelled() => cancel.cancel(),
             }
         });
         let result = self.sandbox.invoke(invocation).await;
         watcher.abort();
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&run_id);
         if host.fenced.is_cancelled() {
             return Ok(AttemptOutcome::Fenced);
         }
