@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kiln_proto::{Actor, EventMetadata, NewEvent, Position, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, Store, StoreOptions};
 use kiln_worker::sandbox::bench::BenchOptions;
@@ -23,6 +23,22 @@ pub enum BenchCommand {
     Store(StoreBench),
     /// Tool sandbox: warm round trip, cold start, throughput, raw `deno run` start.
     Sandbox(SandboxBench),
+    /// Run engine without a queue: request -> attempt -> recorded result, in this process.
+    Runs(RunsBench),
+}
+
+#[derive(Debug, Args)]
+pub struct RunsBench {
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BenchBackend,
+    /// Runs to execute.
+    #[arg(long, default_value_t = 2_000)]
+    runs: usize,
+    /// Runs in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pg_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +88,7 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode>
             opts.throughput_invocations = b.throughput;
             print!("{}", kiln_worker::sandbox::bench::run(opts).await?);
         }
+        BenchCommand::Runs(b) => runs_bench(config, &b).await?,
         BenchCommand::Store(b) => {
             let backends = match b.backend {
                 BenchBackend::Sqlite => vec![BenchBackend::Sqlite],
@@ -107,32 +124,16 @@ fn report(backend: &str, measure: &str, events: usize, elapsed: Duration) {
 }
 
 async fn store_bench(backend: BenchBackend, b: &StoreBench) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (url, pg_db) = match backend {
-        BenchBackend::Postgres => {
-            let name = format!("kiln_bench_{}", uuid::Uuid::now_v7().simple());
-            let mut admin = sqlx::PgConnection::connect(&b.pg_url).await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
-            let mut url = url::Url::parse(&b.pg_url)?;
-            url.set_path(&format!("/{name}"));
-            (url.to_string(), Some(name))
-        }
-        _ => (format!("sqlite://{}", dir.path().join("bench.db").display()), None),
-    };
-    let label = if pg_db.is_some() { "postgres" } else { "sqlite" };
+    let scratch = Scratch::create(backend, &b.pg_url).await?;
+    let label = if backend == BenchBackend::Postgres { "postgres" } else { "sqlite" };
     let result = async {
-        let store = Store::open_and_migrate(&StoreOptions::new(&url)).await?;
+        let store = Store::open_and_migrate(&StoreOptions::new(&scratch.url)).await?;
         measure(&store, label, b).await?;
         store.close().await;
         anyhow::Ok(())
     }
     .await;
-    if let Some(name) = pg_db {
-        let mut admin = sqlx::PgConnection::connect(&b.pg_url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-            .execute(&mut admin)
-            .await?;
-    }
+    scratch.drop_db().await?;
     result
 }
 
@@ -196,4 +197,106 @@ async fn measure(store: &Store, label: &str, b: &StoreBench) -> anyhow::Result<(
     }
     report(label, "replay, 5000/page, 2 in flight", n, start.elapsed());
     Ok(())
+}
+
+/// A scratch database for one benchmark: a SQLite file in a temp folder or a new PostgreSQL
+/// database, dropped afterwards.
+struct Scratch {
+    url: String,
+    pg: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    async fn create(backend: BenchBackend, pg_url: &str) -> anyhow::Result<Scratch> {
+        let dir = tempfile::tempdir()?;
+        if backend == BenchBackend::Postgres {
+            let name = format!("kiln_bench_{}", uuid::Uuid::now_v7().simple());
+            let mut admin = sqlx::PgConnection::connect(pg_url).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+            let mut url = url::Url::parse(pg_url)?;
+            url.set_path(&format!("/{name}"));
+            return Ok(Scratch { url: url.to_string(), pg: Some((pg_url.to_owned(), name)), _dir: dir });
+        }
+        Ok(Scratch { url: format!("sqlite://{}", dir.path().join("bench.db").display()), pg: None, _dir: dir })
+    }
+
+    async fn drop_db(self) -> anyhow::Result<()> {
+        if let Some((admin_url, name)) = self.pg {
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(&mut admin)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
+    use kiln_proto::events::{ToolCreated, ToolVersionPublished};
+    use kiln_worker::runs::{AttemptOutcome, RunEngine, RunRequest};
+
+    let scratch = Scratch::create(b.backend, &b.pg_url).await?;
+    let store = Store::open_and_migrate(&StoreOptions::new(&scratch.url)).await?;
+    let sandbox = std::sync::Arc::new(kiln_worker::DenoSandbox::start(config.sandbox_config()?)?);
+    let engine = RunEngine::new(store.clone(), sandbox.clone(), "bench");
+    let d = kiln_proto::ToolDefinition::parse(&json!({"name": "add", "description": "a+b", "code": "(a) => ({ sum: a.a + a.b })"}))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .definition;
+    let meta = EventMetadata::new(Actor::local());
+    let events = [
+        kiln_proto::DomainEvent::from(ToolCreated { name: d.name.clone() }),
+        ToolVersionPublished { name: d.name.clone(), version: 1, code_sha256: d.code_sha256(), definition: d.clone() }.into(),
+    ];
+    let events = events.iter().map(|e| NewEvent::from_domain(e, meta.clone())).collect();
+    store.append(&StreamId::tool(&d.name), ExpectedVersion::NoStream, events).await?;
+
+    let one = |i: usize| {
+        let engine = engine.clone();
+        let name = d.name.clone();
+        async move {
+            let start = Instant::now();
+            let request = RunRequest {
+                tool: name,
+                version: None,
+                arguments: json!({"a": i, "b": 1}),
+                idempotency_key: None,
+                parent_run: None,
+                replay_of: None,
+                actor: Actor::local(),
+                traceparent: None,
+            };
+            let run = engine.request(request).await?.run_id;
+            match engine.execute(run, tokio_util::sync::CancellationToken::new()).await? {
+                AttemptOutcome::Finished(_) => anyhow::Ok(start.elapsed()),
+                other => anyhow::bail!("run {run} did not finish: {other:?}"),
+            }
+        }
+    };
+    // Warm up the sandbox and the caches.
+    for i in 0..50 {
+        one(i).await?;
+    }
+    let start = Instant::now();
+    let mut latencies: Vec<Duration> = futures::stream::iter(0..b.runs)
+        .map(one)
+        .buffer_unordered(b.concurrency.max(1))
+        .try_collect()
+        .await?;
+    let elapsed = start.elapsed();
+    latencies.sort();
+    let at = |q: usize| latencies[(latencies.len() * q / 100).min(latencies.len() - 1)];
+    println!(
+        "runs ({:?}, {} in flight): {} runs in {:.2} s = {:.0} runs/s; request -> recorded result p50 {:.2} ms, p99 {:.2} ms",
+        b.backend,
+        b.concurrency,
+        b.runs,
+        elapsed.as_secs_f64(),
+        b.runs as f64 / elapsed.as_secs_f64(),
+        at(50).as_secs_f64() * 1e3,
+        at(99).as_secs_f64() * 1e3,
+    );
+    sandbox.shutdown();
+    store.close().await;
+    scratch.drop_db().await
 }
