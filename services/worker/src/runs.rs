@@ -45,9 +45,9 @@ pub struct RunEngine {
     validators: Arc<Mutex<Validators>>,
     /// Runs executing in this process, to stop at once when cancelled.
     inflight: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
-    /// How deep child runs may nest (a run calling a tool that calls a tool...). A parent waits
-    /// on its sandbox process while its child runs, so keep this below the sandbox's
-    /// `max_per_tool` if tools may call themselves.
+    /// How deep child runs may nest (a run calling a tool that calls a tool...). Child
+    /// invocations may exceed the sandbox pool's limits (their parents hold processes while they
+    /// wait), so this also bounds how far a chain can exceed them.
     max_depth: usize,
 }
 

@@ -136,6 +136,10 @@ pub struct Invocation {
     /// Cancelling aborts `ctx.signal`; the process is killed if the tool has not returned
     /// within [`SandboxConfig::abort_grace`].
     pub cancel: CancellationToken,
+    /// Called from another invocation that holds its process while it waits for this one (a
+    /// child run). It may start a process beyond the pool's limits, which would otherwise
+    /// deadlock when parents hold every slot; the run layer's depth limit bounds the excess.
+    pub nested: bool,
 }
 
 impl Invocation {
@@ -148,6 +152,7 @@ impl Invocation {
             host: None,
             events: None,
             cancel: CancellationToken::new(),
+            nested: false,
         }
     }
 }

@@ -40,14 +40,10 @@ kiln_store::backend_tests!(
     recursion_beyond_the_depth_limit_and_cycles_are_refused,
 );
 
-/// An engine whose sandbox has room for a parent, its child and its grandchild at once: a parent
-/// keeps its process while it waits (see `RunEngine::with_max_depth`).
+/// An engine on the tests' small sandbox (2 processes per tool): child runs must not wait for
+/// processes their parents hold.
 fn engine(db: &TestDb) -> RunEngine {
-    let sandbox = common::sandbox_with(|c| {
-        c.pool.max_processes = 8;
-        c.pool.max_per_tool = 4;
-    });
-    RunEngine::new(db.store.clone(), Arc::new(sandbox), "test-worker")
+    RunEngine::new(db.store.clone(), Arc::new(common::sandbox()), "test-worker")
 }
 
 async fn create_tool(store: &Store, definition: Value) -> ToolDefinition {

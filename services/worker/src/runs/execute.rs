@@ -143,6 +143,8 @@ impl RunEngine {
         );
         invocation.run_id = run_id;
         invocation.attempt = attempt;
+        // A child's parent holds its process while it waits: the child must not queue behind it.
+        invocation.nested = state.request.parent_run.is_some();
         invocation.host = Some(host.clone());
         let cancel = invocation.cancel.clone();
         let cancelled_here = CancellationToken::new();

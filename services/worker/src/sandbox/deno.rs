@@ -240,7 +240,7 @@ impl Sandbox for DenoSandbox {
     async fn invoke(&self, inv: Invocation) -> Result<InvocationOutput, SandboxError> {
         let spec = self.spec(&inv.tool);
         let key = Key { tool: inv.tool.name.clone(), version: inv.tool.version, spec };
-        let (mut lease, cold_start) = match self.inner.pool.acquire(&key, &inv.cancel).await? {
+        let (mut lease, cold_start) = match self.inner.pool.acquire(&key, inv.nested, &inv.cancel).await? {
             Slot::Warm(lease) => (*lease, false),
             Slot::Cold(reservation) => (reservation.fill(self.start_process(&inv, &key.spec).await?), true),
         };

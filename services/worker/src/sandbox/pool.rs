@@ -134,8 +134,9 @@ impl Pool {
         Self { shared }
     }
 
-    /// A warm process for `key`, or a reservation to start one, waiting while limits are reached.
-    pub async fn acquire(&self, key: &Key, cancel: &CancellationToken) -> Result<Slot, SandboxError> {
+    /// A warm process for `key`, or a reservation to start one, waiting while limits are reached
+    /// (a `nested` invocation, whose caller holds a process while it waits, never waits).
+    pub async fn acquire(&self, key: &Key, nested: bool, cancel: &CancellationToken) -> Result<Slot, SandboxError> {
         let config = &self.shared.config;
         let mut starving_at = Instant::now() + STARVATION;
         let mut waiter = Waiter { shared: &self.shared, key, registered: false };
@@ -171,8 +172,9 @@ impl Pool {
                 } else {
                     None
                 };
-                let room = st.per_tool.get(&key.tool).copied().unwrap_or(0) < config.max_per_tool
-                    && st.total < config.max_processes;
+                let room = nested
+                    || (st.per_tool.get(&key.tool).copied().unwrap_or(0) < config.max_per_tool
+                        && st.total < config.max_processes);
                 if room {
                     waiter.done(&mut st);
                     st.add(&key.tool);
