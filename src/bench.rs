@@ -240,13 +240,16 @@ async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
     let store = Store::open_and_migrate(&StoreOptions::new(&scratch.url)).await?;
     let sandbox = std::sync::Arc::new(kiln_worker::DenoSandbox::start(config.sandbox_config()?)?);
     let engine = RunEngine::new(store.clone(), sandbox.clone(), "bench");
-    let d = kiln_proto::ToolDefinition::parse(&json!({"name": "add", "description": "a+b", "code": "(a) => ({ sum: a.a + a.b })"}))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .definition;
+    let d = kiln_proto::ToolDefinition::parse(
+        &json!({"name": "add", "description": "a+b", "code": "(a) => ({ sum: a.a + a.b })"}),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .definition;
     let meta = EventMetadata::new(Actor::local());
     let events = [
         kiln_proto::DomainEvent::from(ToolCreated { name: d.name.clone() }),
-        ToolVersionPublished { name: d.name.clone(), version: 1, code_sha256: d.code_sha256(), definition: d.clone() }.into(),
+        ToolVersionPublished { name: d.name.clone(), version: 1, code_sha256: d.code_sha256(), definition: d.clone() }
+            .into(),
     ];
     let events = events.iter().map(|e| NewEvent::from_domain(e, meta.clone())).collect();
     store.append(&StreamId::tool(&d.name), ExpectedVersion::NoStream, events).await?;
@@ -278,11 +281,8 @@ async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
         one(i).await?;
     }
     let start = Instant::now();
-    let mut latencies: Vec<Duration> = futures::stream::iter(0..b.runs)
-        .map(one)
-        .buffer_unordered(b.concurrency.max(1))
-        .try_collect()
-        .await?;
+    let mut latencies: Vec<Duration> =
+        futures::stream::iter(0..b.runs).map(one).buffer_unordered(b.concurrency.max(1)).try_collect().await?;
     let elapsed = start.elapsed();
     latencies.sort();
     let at = |q: usize| latencies[(latencies.len() * q / 100).min(latencies.len() - 1)];
