@@ -126,13 +126,19 @@ impl SqliteStore {
 
         let base_version = actual.map_or(0, |v| v.0 as i64);
         let recorded_at = Utc::now().timestamp_micros();
-        let rows: Vec<_> = events.iter().zip(payloads).enumerate().collect();
+        let records = events
+            .iter()
+            .zip(&payloads)
+            .enumerate()
+            .map(|(i, (e, payload))| record(head + i as i64 + 1, stream, base_version + i as i64 + 1, e, payload))
+            .collect::<Result<Vec<_>>>()?;
+        let rows: Vec<_> = events.iter().zip(records).enumerate().collect();
         for chunk in rows.chunks(INSERT_CHUNK) {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type, \
                  occurred_at_us, recorded_at_us, actor, record) ",
             );
-            insert.push_values(chunk, |mut row, (i, (e, payload))| {
+            insert.push_values(chunk, |mut row, (i, (e, record))| {
                 let i = *i as i64 + 1;
                 row.push_bind(head + i)
                     .push_bind(e.event_id.to_string())
@@ -142,7 +148,7 @@ impl SqliteStore {
                     .push_bind(e.occurred_at.timestamp_micros())
                     .push_bind(recorded_at)
                     .push_bind(e.metadata.actor.as_str())
-                    .push_bind(record(head + i, stream, base_version + i, e, payload));
+                    .push_bind(record.as_str());
             });
             if let Err(e) = insert.build().execute(&mut *tx).await {
                 if StoreError::is_unique_violation(&e) {
@@ -323,8 +329,9 @@ struct Record<'a>(
 );
 
 /// The record of an event about to be appended; `payload` is its already-encoded JSON.
-fn record(position: i64, stream: &StreamId, version: i64, e: &NewEvent, payload: &str) -> String {
-    let payload = RawValue::from_string(payload.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned());
+fn record(position: i64, stream: &StreamId, version: i64, e: &NewEvent, payload: &str) -> Result<String> {
+    let invalid = |err: serde_json::Error| StoreError::corrupt(position, format!("cannot encode the event: {err}"));
+    let payload = RawValue::from_string(payload.to_owned()).map_err(invalid)?;
     let r = Record(
         position,
         Cow::Owned(e.event_id.to_string()),
@@ -339,7 +346,7 @@ fn record(position: i64, stream: &StreamId, version: i64, e: &NewEvent, payload:
         e.metadata.traceparent.as_ref().map(|t| Cow::Borrowed(t.as_str())),
         payload,
     );
-    serde_json::to_string(&r).unwrap_or_default()
+    serde_json::to_string(&r).map_err(invalid)
 }
 
 impl Record<'_> {
