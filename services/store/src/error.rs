@@ -47,9 +47,6 @@ pub enum StoreError {
 
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-
-    #[error("store is shut down")]
-    Closed,
 }
 
 fn current_label(v: Option<StreamVersion>) -> String {

@@ -54,8 +54,3 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     /// unknown or malformed event stops the projection with its position instead of being skipped.
     async fn apply(&self, tx: &mut WriteTx, prefix: &str, event: &RecordedEvent, decoded: &DomainEvent) -> Result<()>;
 }
-
-/// The name of a projection's table with a prefix.
-pub fn table(prefix: &str, name: &str) -> String {
-    format!("{prefix}{name}")
-}

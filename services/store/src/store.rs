@@ -98,16 +98,15 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         let migrator = crate::migrate::migrator(self.backend());
         match self {
-            Self::Sqlite(s) => migrator.run(s.writer()).await?,
-            Self::Postgres(s) => migrator.run(s.pool()).await?,
+            Self::Sqlite(s) => {
+                migrator.run(s.writer()).await?;
+                s.refresh_head().await
+            }
+            Self::Postgres(s) => {
+                migrator.run(s.pool()).await?;
+                s.refresh_head().await
+            }
         }
-        if let Self::Sqlite(s) = self {
-            s.refresh_head().await?;
-        }
-        if let Self::Postgres(s) = self {
-            s.refresh_head().await?;
-        }
-        Ok(())
     }
 
     /// The schema version applied to the database (0: none).

@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_proto::arguments::ArgumentValidator;
+use kiln_proto::run::RunState;
 use kiln_proto::tool_state::ToolState;
-use kiln_proto::{RunId, StreamId, StreamVersion, ToolName};
+use kiln_proto::{RecordedEvent, RunId, StreamId, StreamVersion, ToolName};
 use kiln_store::{EventStore, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +96,17 @@ impl RunEngine {
     }
 }
 
+impl RunEngine {
+    /// A run's events and the state they fold to.
+    async fn load_run(&self, run_id: RunId) -> Result<(Vec<RecordedEvent>, RunState), ExecuteError> {
+        let events = read_stream(&self.store, &StreamId::run(run_id)).await?;
+        let decoded =
+            events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
+        let state = RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?.ok_or(ExecuteError::UnknownRun(run_id))?;
+        Ok((events, state))
+    }
+}
+
 /// Every event of a stream (streams of tools and runs are short).
 async fn read_stream(
     store: &Store,
@@ -102,7 +114,7 @@ async fn read_stream(
 ) -> Result<Vec<kiln_proto::RecordedEvent>, kiln_store::StoreError> {
     let mut out = Vec::new();
     loop {
-        let after = out.last().map_or(StreamVersion(0), |e: &kiln_proto::RecordedEvent| e.stream_version);
+        let after = out.last().map_or(StreamVersion(0), |e: &RecordedEvent| e.stream_version);
         let page = store.read_stream(stream, after, 1_000).await?;
         if page.is_empty() {
             return Ok(out);

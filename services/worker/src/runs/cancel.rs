@@ -3,11 +3,11 @@
 //! (its next append is refused), so a run never has two outcomes.
 
 use kiln_proto::events::RunCancelled;
-use kiln_proto::run::{RunState, RunStatus};
+use kiln_proto::run::RunStatus;
 use kiln_proto::{Actor, DomainEvent, EventMetadata, NewEvent, RunId, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, StoreError};
 
-use super::{ExecuteError, RunEngine, read_stream};
+use super::{ExecuteError, RunEngine};
 
 /// What a cancellation found.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,11 +22,7 @@ impl RunEngine {
     pub async fn cancel(&self, run_id: RunId, actor: Actor, reason: Option<String>) -> Result<Cancelled, ExecuteError> {
         let stream = StreamId::run(run_id);
         loop {
-            let events = read_stream(&self.store, &stream).await?;
-            let decoded =
-                events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
-            let state =
-                RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?.ok_or(ExecuteError::UnknownRun(run_id))?;
+            let (events, state) = self.load_run(run_id).await?;
             if state.status.is_terminal() {
                 return Ok(Cancelled::AlreadyEnded(state.status));
             }

@@ -14,7 +14,7 @@ use kiln_store::EventStore;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{AttemptOutcome, RunEngine, RunRequest, read_stream};
+use super::{AttemptOutcome, RunEngine, RunRequest};
 
 impl RunEngine {
     /// Requests `tool(args)` as a child of `parent` (or finds the one requested for this call
@@ -60,10 +60,15 @@ impl RunEngine {
         loop {
             let outcome = Box::pin(self.execute(child, CancellationToken::new())).await.map_err(|e| e.to_string())?;
             match outcome {
-                AttemptOutcome::Finished(RunStatus::Succeeded) => return self.output_of(child).await,
-                AttemptOutcome::Finished(status) => {
-                    let why = self.error_of(child).await.unwrap_or_default();
-                    return Err(format!("child run {child} {}{why}", status.name()));
+                AttemptOutcome::Finished(_) => {
+                    let (_, state) = self.load_run(child).await.map_err(|e| e.to_string())?;
+                    return match (state.status, state.output, state.error) {
+                        (RunStatus::Succeeded, Some(output), _) => Ok(output),
+                        (RunStatus::Failed, _, Some(error)) => {
+                            Err(format!("child run {child} failed: {}", error.message))
+                        }
+                        (status, ..) => Err(format!("child run {child} {}", status.name())),
+                    };
                 }
                 AttemptOutcome::RetryAt(at) | AttemptOutcome::Leased { until: at } => {
                     let wait = (at - kiln_proto::envelope::now_micros()).to_std().unwrap_or_default();
@@ -93,23 +98,5 @@ impl RunEngine {
             Some(Ok(DomainEvent::RunRequested(r))) => Ok(r),
             _ => Err(format!("run {run} has no request")),
         }
-    }
-
-    async fn output_of(&self, run: RunId) -> Result<Value, String> {
-        let events = read_stream(&self.store, &StreamId::run(run)).await.map_err(|e| e.to_string())?;
-        for e in events.iter().rev() {
-            if let Ok(DomainEvent::RunSucceeded(s)) = e.decode() {
-                return Ok(s.output);
-            }
-        }
-        Err(format!("run {run} has no output"))
-    }
-
-    async fn error_of(&self, run: RunId) -> Option<String> {
-        let events = read_stream(&self.store, &StreamId::run(run)).await.ok()?;
-        events.iter().rev().find_map(|e| match e.decode() {
-            Ok(DomainEvent::RunFailed(f)) => Some(format!(": {}", f.error.message)),
-            _ => None,
-        })
     }
 }

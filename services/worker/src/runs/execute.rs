@@ -8,14 +8,14 @@ use kiln_proto::envelope::now_micros;
 use kiln_proto::events::{
     ErrorKind, RetryDecision, RunAttemptFailed, RunAttemptStarted, RunError, RunFailed, RunSucceeded, RunTimedOut,
 };
-use kiln_proto::run::{InvalidRunStream, RunState, RunStatus};
+use kiln_proto::run::{InvalidRunStream, RunStatus};
 use kiln_proto::{Actor, DecodeError, DomainEvent, EventMetadata, NewEvent, RunId, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, StoreError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::RunEngine;
 use super::host::{StepHost, StepState};
-use super::{RunEngine, read_stream};
 use crate::sandbox::{Invocation, SandboxError, ToolVersion};
 
 /// How executing a run went, from the queue's point of view.
@@ -56,10 +56,7 @@ impl RunEngine {
     /// Executes the next attempt of `run_id`, if there is one to make now.
     pub async fn execute(&self, run_id: RunId, stop: CancellationToken) -> Result<AttemptOutcome, ExecuteError> {
         let stream = StreamId::run(run_id);
-        let events = read_stream(&self.store, &stream).await?;
-        let decoded =
-            events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
-        let state = RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?.ok_or(ExecuteError::UnknownRun(run_id))?;
+        let (events, state) = self.load_run(run_id).await?;
         let first = events.first().ok_or(ExecuteError::UnknownRun(run_id))?;
         let metadata = EventMetadata {
             actor: Actor::system("worker"),
