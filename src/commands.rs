@@ -1,5 +1,7 @@
 //! The commands that act on a store: serving, migrating, projections.
 
+pub mod keys;
+pub mod mcp;
 pub mod projections;
 pub mod serve;
 
