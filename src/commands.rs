@@ -2,6 +2,7 @@
 
 pub mod projections;
 pub mod serve;
+pub mod worker;
 
 use std::process::ExitCode;
 

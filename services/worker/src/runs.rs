@@ -28,7 +28,7 @@ use kiln_store::{EventStore, Store};
 use tokio_util::sync::CancellationToken;
 
 pub use cancel::Cancelled;
-pub use execute::{AttemptOutcome, ExecuteError};
+pub use execute::{AttemptOutcome, ExecuteError, INLINE_RETRY_MAX};
 pub use request::{RequestError, Requested, RunRequest};
 pub use watch::{RunUpdate, RunView, RunWatch};
 
