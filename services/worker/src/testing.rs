@@ -141,3 +141,26 @@ impl SideEffects {
         })
     }
 }
+
+/// A sandbox for engines that only request, watch and cancel (an API's view): it runs nothing.
+#[derive(Debug)]
+pub struct NoSandbox;
+
+#[async_trait::async_trait]
+impl crate::sandbox::Sandbox for NoSandbox {
+    async fn invoke(
+        &self,
+        _: crate::sandbox::Invocation,
+    ) -> Result<crate::sandbox::InvocationOutput, crate::sandbox::SandboxError> {
+        Err(crate::sandbox::SandboxError::Crash("this engine runs no tools".to_owned()))
+    }
+
+    async fn check_code(&self, _: &str) -> Result<crate::sandbox::CodeFormat, crate::sandbox::SandboxError> {
+        Err(crate::sandbox::SandboxError::Crash("this engine checks no code".to_owned()))
+    }
+}
+
+/// An engine that requests, watches and cancels runs, as the API does.
+pub fn client(store: &Store) -> crate::runs::RunEngine {
+    crate::runs::RunEngine::new(store.clone(), Arc::new(NoSandbox), "client")
+}
