@@ -4,6 +4,7 @@ pub mod keys;
 pub mod mcp;
 pub mod projections;
 pub mod serve;
+pub mod worker;
 
 use std::process::ExitCode;
 

@@ -26,10 +26,18 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     runner.prepare().await?;
     let shutdown = CancellationToken::new();
     let projections = tokio::spawn(runner.clone().run(shutdown.clone()));
+    // Runs are executed by a queue worker in this process, as in `kiln serve`.
+    let worker = (config.worker.concurrency > 0).then(|| {
+        let worker = config.worker_config(config.worker.concurrency);
+        tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox.clone(), worker, shutdown.clone()))
+    });
     let state = AppState { store: store.clone(), projections: Some(runner), sandbox: Some(sandbox.clone()) };
     tracing::info!("kiln MCP on stdio");
     let served = kiln_api::serve_stdio(state, &config.api_config().mcp, shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     let _ = projections.await;
     sandbox.shutdown();
     store.close().await;

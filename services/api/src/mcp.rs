@@ -156,9 +156,11 @@ impl ServerHandler for KilnMcp {
             return self.call_meta(&name, arguments, &principal, &context).await.map(Into::into);
         }
         Self::require(&principal, Scope::ToolsRun)?;
-        if name.starts_with(schemas::RESERVED_PREFIX) || self.services.live.get(&name).is_none() {
-            // Unknown tools are a protocol error (as the MCP spec and conformance suite expect);
-            // a known but disabled or deleted tool is a tool error the model can read.
+        let listed = self.services.live.get(&name).filter(|t| t.lifecycle != Lifecycle::Deleted);
+        if name.starts_with(schemas::RESERVED_PREFIX) || listed.is_none() {
+            // Unknown and deleted tools are a protocol error (as the MCP spec and the conformance
+            // suite expect); a disabled tool is a tool error the model can read. The log is asked
+            // too: the live catalog may not have seen a change made on another replica yet.
             if self.services.catalog.existing(&name).await.is_err() {
                 return Err(McpError::invalid_params(
                     format!("unknown tool \"{name}\"; tools/list (or tool_list) shows the tools there are"),

@@ -3,16 +3,12 @@
 
 use std::time::Duration;
 
-use kiln_proto::run::RunState;
-use kiln_proto::{RunId, StreamId, ToolName};
-use kiln_store::{Store, StoreError};
-use kiln_worker::runs::RunEngine;
-use serde::Serialize;
+use kiln_proto::{RunId, ToolName};
+use kiln_store::{EventStore, Store, StoreError};
+use kiln_worker::runs::{ExecuteError, RunEngine, RunUpdate, RunView};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-use crate::catalog::read_stream;
 
 /// What a running tool reports while the caller waits.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,95 +17,54 @@ pub enum Update {
     Progress { done: f64, total: Option<f64>, message: Option<String> },
 }
 
-/// A run as clients see it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RunView {
-    pub run_id: RunId,
-    pub tool: ToolName,
-    pub tool_version: u32,
-    pub status: String,
-    pub attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<kiln_proto::events::RunError>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent_run: Option<RunId>,
-}
-
-impl RunView {
-    pub fn ended(&self) -> bool {
-        matches!(self.status.as_str(), "succeeded" | "failed" | "cancelled" | "timed_out")
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunsError {
     #[error("no run {0}")]
     NotFound(RunId),
-    #[error("invalid run stream: {0}")]
-    Corrupt(String),
+    #[error(transparent)]
+    Engine(#[from] ExecuteError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 /// The run as its stream says now.
-pub async fn view(store: &Store, run_id: RunId) -> Result<RunView, RunsError> {
-    let events = read_stream(store, &StreamId::run(run_id)).await?;
-    let decoded = events
-        .iter()
-        .map(|e| e.decode().map(|d| (e.stream_version, d)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RunsError::Corrupt(e.to_string()))?;
-    let state = RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))
-        .map_err(|e| RunsError::Corrupt(e.to_string()))?
-        .ok_or(RunsError::NotFound(run_id))?;
-    Ok(RunView {
-        run_id,
-        tool: state.request.tool.clone(),
-        tool_version: state.request.tool_version,
-        status: state.status.name().to_owned(),
-        attempts: state.attempts,
-        output: state.output.clone(),
-        error: state.error.clone(),
-        parent_run: state.request.parent_run,
-    })
+pub async fn view(engine: &RunEngine, run_id: RunId) -> Result<RunView, RunsError> {
+    engine.view(run_id).await?.ok_or(RunsError::NotFound(run_id))
 }
 
-/// Executes `run_id` (here, until the durable queue's workers do it) and waits up to `budget`
-/// for it to end. Past the budget the run carries on in the background and its current view is
-/// returned.
+/// Waits up to `budget` for a run (executed by the queue's workers) to end, forwarding its
+/// logs and progress to `updates`. Past the budget, or when the caller goes away, the run
+/// carries on and its current view is returned.
 pub async fn wait(
     engine: &RunEngine,
     run_id: RunId,
     budget: Duration,
-    _updates: Option<mpsc::Sender<Update>>,
+    updates: Option<mpsc::Sender<Update>>,
     cancel: CancellationToken,
 ) -> Result<RunView, RunsError> {
-    let executor = engine.clone();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(async move {
-        loop {
-            match executor.execute(run_id, stop.clone()).await {
-                Ok(kiln_worker::runs::AttemptOutcome::Finished(_)) | Err(_) => return,
-                Ok(
-                    kiln_worker::runs::AttemptOutcome::RetryAt(at)
-                    | kiln_worker::runs::AttemptOutcome::Leased { until: at },
-                ) => {
-                    let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
-                    tokio::time::sleep(wait).await;
-                }
-                Ok(_) => return,
+    let mut watch = engine.watch(run_id).await?;
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            next = watch.next() => next,
+        };
+        let update = match next {
+            Some(RunUpdate::Ended(view)) => return Ok(*view),
+            None => break,
+            Some(RunUpdate::Log { level, message, .. }) => Update::Log { level, message },
+            Some(RunUpdate::Progress { progress, total, message }) => {
+                Update::Progress { done: progress, total, message }
             }
+        };
+        if let Some(tx) = &updates {
+            // A slow client loses updates rather than slowing the run's watcher.
+            let _ = tx.try_send(update);
         }
-    });
-    tokio::select! {
-        _ = tokio::time::timeout(budget, task) => {}
-        _ = cancel.cancelled() => {}
     }
-    view(engine.store(), run_id).await
+    view(engine, run_id).await
 }
 
 /// Filters of `run_list`.
@@ -127,6 +82,13 @@ pub const STATUSES: &[&str] =
 
 /// A page of runs from the projection, newest first (run ids are time-ordered UUIDv7).
 pub async fn list(store: &Store, q: &ListQuery) -> Result<(Vec<Value>, Option<String>), RunsError> {
+    // Read-your-writes: let the projection catch up with what was committed before this call
+    // (bounded; a stalled projection shows in /readyz and the list is then as of its checkpoint).
+    let head = store.head().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while kiln_store::projection::checkpoint(store, "runs").await? < head && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The store runs raw SQL only for text rows; every inlined value is validated: tool names
     // are [A-Za-z0-9._-], statuses come from a fixed list, the cursor is a parsed UUID.
     let mut filters = Vec::new();

@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod postgres;
 pub mod projection;
 pub mod projections;
+pub mod queue;
 mod replay;
 pub mod sqlite;
 mod store;
@@ -23,6 +24,7 @@ pub mod testing;
 
 pub use error::{Result, StoreError};
 pub use event_store::{AppendResult, EventStore, ExpectedVersion};
+pub use queue::{QueueOp, QueuePool};
 pub use replay::replay;
 pub use store::{Backend, Store, StoreOptions};
 pub use subscribe::EventStream;

@@ -49,6 +49,7 @@ impl KilnMcp {
             idempotency_key: call.idempotency_key,
             parent_run: None,
             replay_of: None,
+            reuse_steps: false,
             actor: principal.actor.clone(),
             traceparent: None,
         };

@@ -297,7 +297,10 @@ impl KilnMcp {
             "run_get" => {
                 let a: RunIdArgs = tri!(args(tool, arguments));
                 let run_id = tri!(parse_run_id(&a.run_id));
-                match runs::view(&self.services.store, run_id).await {
+                let Some(engine) = &self.services.engine else {
+                    return Ok(result::error("unavailable", "this server has no run engine", Value::Null));
+                };
+                match runs::view(engine, run_id).await {
                     Ok(v) => result::ok(json!(v)),
                     Err(runs::RunsError::NotFound(_)) => {
                         result::error("not_found", &format!("no run {run_id}"), Value::Null)

@@ -5,7 +5,7 @@
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{Map, Value, json};
 
-use crate::runs::RunView;
+use kiln_worker::runs::RunView;
 
 /// The key `ctx.content(...)` puts its blocks under in a tool's result.
 pub const CONTENT_KEY: &str = "mcp/content";
@@ -32,13 +32,13 @@ pub fn error(code: &str, message: &str, details: Value) -> CallToolResult {
 
 /// The result of a finished or still-running run.
 pub fn from_run(run: &RunView, output_schema: Option<&Map<String, Value>>) -> CallToolResult {
-    match run.status.as_str() {
+    match run.status {
         "succeeded" => succeeded(run, output_schema),
         "failed" | "timed_out" | "cancelled" => {
             let (kind, message) = match &run.error {
                 Some(e) => (e.kind.as_str().to_owned(), e.message.clone()),
                 None if run.status == "timed_out" => ("timeout".to_owned(), "the run timed out".to_owned()),
-                None => (run.status.clone(), format!("the run was {}", run.status)),
+                None => (run.status.to_owned(), format!("the run was {}", run.status)),
             };
             let text = format!("{message}\n\n(run {} of tool \"{}\" {}: {kind})", run.run_id, run.tool, run.status);
             let mut r = CallToolResult::error(vec![ContentBlock::text(text)]);
