@@ -57,10 +57,69 @@ fn the_tool_lifecycle_through_the_python_sdk_over_http() {
 }
 
 #[test]
+fn the_seed_documents_example_tools_run_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    let out = run_client("seeds.py", &[&format!("http://{}/mcp", server.addr)]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    server.terminate();
+}
+
+#[test]
 fn the_tool_lifecycle_through_the_python_sdk_over_stdio() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}/kiln.db", dir.path().display());
     let kiln = common::kiln_bin();
     let out = run_client("lifecycle.py", &["--stdio", kiln.to_str().unwrap(), &db]);
     assert!(out.contains(" passed, 0 failed"), "{out}");
+}
+
+/// Creates an API key with `kiln keys create`; returns its secret.
+fn create_key(dir: &Path, db: &str, name: &str, scopes: &str, hosts: &[&str]) -> String {
+    let mut cmd = kiln(dir);
+    cmd.env("KILN_DATABASE_URL", db).args(["keys", "create", "--name", name, "--scopes", scopes]);
+    for h in hosts {
+        cmd.args(["--allow-host", h]);
+    }
+    let out = common::run(&mut cmd);
+    assert!(out.status.success(), "keys create failed: {}", common::stderr(&out));
+    let secret = common::stdout(&out).trim().to_owned();
+    assert!(secret.starts_with("kiln_"), "{secret}");
+    secret
+}
+
+#[test]
+fn auth_scopes_host_grants_and_transport_guards() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/kiln.db", dir.path().display());
+    let admin = create_key(dir.path(), &db, "admin", "admin", &["allowed.example.com"]);
+    let reader = create_key(dir.path(), &db, "reader", "tools:read", &[]);
+    let narrow = create_key(dir.path(), &db, "narrow", "tools:read,tools:write,tools:run", &["allowed.example.com"]);
+
+    let list = common::run(kiln(dir.path()).env("KILN_DATABASE_URL", &db).args(["keys", "list", "--json"]));
+    let listed = common::stdout(&list);
+    assert!(listed.contains("\"narrow\"") && !listed.contains(&narrow[21..]), "secrets never listed: {listed}");
+
+    let server = serve(dir.path(), &[("KILN_AUTH__REQUIRED", "true")]);
+    let out = run_client("security.py", &[&format!("http://{}/mcp", server.addr), &admin, &reader, &narrow]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    server.terminate();
+
+    // Every refusal was recorded (up to the per-second budget) as auth.denied with its reason.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let denials = rt.block_on(async {
+        use kiln_store::EventStore;
+        let store = kiln_store::Store::open(&kiln_store::StoreOptions::new(&db)).await.unwrap();
+        let stream = kiln_proto::StreamId::parse("auth-denied").unwrap();
+        let events = store.read_stream(&stream, kiln_proto::StreamVersion(0), 100).await.unwrap();
+        events.iter().map(|e| (e.event_type.clone(), e.payload_value())).collect::<Vec<_>>()
+    });
+    let reasons: Vec<&str> = denials.iter().map(|(_, p)| p["reason"].as_str().unwrap()).collect();
+    assert!(denials.iter().all(|(t, _)| t == "auth.denied"), "{denials:?}");
+    for reason in ["missing_token", "invalid_token", "insufficient_scope"] {
+        assert!(reasons.contains(&reason), "no {reason} denial in {reasons:?}");
+    }
+    let scope = denials.iter().find(|(_, p)| p["reason"] == "insufficient_scope").unwrap();
+    assert_eq!(scope.1["requiredScope"], "tools:write");
+    assert_eq!(scope.1["method"], "tools/call");
 }

@@ -75,10 +75,11 @@ fn succeeded(run: &RunView, output_schema: Option<&Map<String, Value>>) -> CallT
             return error("invalid_output", &format!("the tool returned invalid MCP content: {message}"), Value::Null);
         }
         None => {
-            let text = match output.as_object() {
-                Some(o) if o.len() == 1 && o.get("result").is_some_and(Value::is_string) => {
-                    o["result"].as_str().unwrap_or_default().to_owned()
-                }
+            // A tool that returned a plain value (wrapped as {"result": v} by the run layer) reads
+            // as that value: "42", or the string itself.
+            let text = match output.as_object().and_then(|o| o.get("result").filter(|_| o.len() == 1)) {
+                Some(Value::String(s)) => s.clone(),
+                Some(v) if !v.is_object() => v.to_string(),
                 _ => serde_json::to_string(&output).unwrap_or_default(),
             };
             let mut r = CallToolResult::success(vec![ContentBlock::text(text)]);
