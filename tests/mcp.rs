@@ -123,3 +123,49 @@ fn auth_scopes_host_grants_and_transport_guards() {
     assert_eq!(scope.1["requiredScope"], "tools:write");
     assert_eq!(scope.1["method"], "tools/call");
 }
+
+/// The scenarios the issue names; each must pass (never be in the baseline).
+const REQUIRED_SCENARIOS: &[&str] = &[
+    "server-initialize",
+    "ping",
+    "tools-list",
+    "dns-rebinding-protection",
+    "tools-call-simple-text",
+    "tools-call-image",
+    "tools-call-audio",
+    "tools-call-embedded-resource",
+    "tools-call-mixed-content",
+    "tools-call-error",
+    "tools-call-with-logging",
+    "tools-call-with-progress",
+];
+
+#[test]
+fn the_mcp_conformance_suite_passes_except_its_baseline() {
+    let node_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".kiln/tools/node/node_modules/.bin");
+    assert!(node_bin.join("conformance").is_file(), "conformance suite missing: run scripts/install-mcp-clients.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[]);
+    let url = format!("http://{}/mcp", server.addr);
+    run_client("conformance_fixtures.py", &[&url]);
+
+    // The suite's CLI runs on the pinned Node 22 (first on PATH), not the machine's node.
+    let path = format!("{}:{}", node_bin.display(), std::env::var("PATH").unwrap_or_default());
+    let baseline = script("conformance-baseline.yml");
+    let out = Command::new(node_bin.join("conformance"))
+        .args(["server", "--url", &url, "--expected-failures", baseline.to_str().unwrap()])
+        .env("PATH", path)
+        .current_dir(dir.path())
+        .output()
+        .expect("conformance runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "conformance regressed ({}):\n{stdout}\n{stderr}", out.status);
+    for scenario in REQUIRED_SCENARIOS {
+        let line = stdout.lines().find(|l| l.contains(&format!(" {scenario}: "))).unwrap_or_default();
+        assert!(line.starts_with('✓') && line.contains(" 0 failed"), "{scenario} did not pass: {line:?}\n{stdout}");
+    }
+    let total = stdout.lines().find(|l| l.starts_with("Total: ")).unwrap_or_default();
+    println!("conformance: {total}");
+    server.terminate();
+}
