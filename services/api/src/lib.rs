@@ -21,6 +21,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use kiln_store::Store;
 use kiln_store::projection::ProjectionRunner;
 use kiln_worker::runs::RunEngine;
@@ -183,7 +184,14 @@ impl App {
             // Open SSE streams would keep graceful shutdown waiting forever.
             sessions.cancel();
         });
-        let served = axum::serve(self.listener, self.router)
+        // Responses are small SSE frames written one by one: without TCP_NODELAY, Nagle's
+        // algorithm and the client's delayed ACK add ~40 ms to every call.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let served = axum::serve(listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await
             .map_err(ApiError::Serve);

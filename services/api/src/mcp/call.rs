@@ -66,14 +66,16 @@ impl KilnMcp {
                 return result::error("internal", &format!("cannot read run {}: {e}", requested.run_id), Value::Null);
             }
         };
-        let schema = self
-            .services
-            .catalog
-            .state(&tool)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|s| s.versions.get(&requested.tool_version).and_then(|v| v.definition.output_schema.clone()));
+        // The output schema of the version that ran: from the live catalog when that is the
+        // current version (the usual case), else from the tool's stream.
+        let live = self.services.live.get(tool.as_str()).filter(|t| t.version == requested.tool_version);
+        let schema =
+            match live.and_then(|t| t.definition) {
+                Some(d) => d.output_schema.clone(),
+                None => self.services.catalog.state(&tool).await.ok().flatten().and_then(|s| {
+                    s.versions.get(&requested.tool_version).and_then(|v| v.definition.output_schema.clone())
+                }),
+            };
         result::from_run(&view, schema.as_ref())
     }
 
