@@ -36,6 +36,12 @@ impl From<Option<String>> for SqlValue {
     }
 }
 
+impl From<Option<i64>> for SqlValue {
+    fn from(i: Option<i64>) -> Self {
+        Self::Int(i)
+    }
+}
+
 impl From<i64> for SqlValue {
     fn from(i: i64) -> Self {
         Self::Int(Some(i))
@@ -110,6 +116,30 @@ impl WriteTx {
                 bind_all!(q, args).fetch_optional(&mut **tx).await?.map(|r| r.try_get::<i64, _>(0)).transpose()?
             }
         })
+    }
+
+    /// Every row of a query with binds, each column read as text (cast non-text columns in the
+    /// SQL): for reading read models on either backend.
+    pub async fn fetch_rows(&mut self, stmt: &Stmt, args: &[SqlValue]) -> Result<Vec<Vec<Option<String>>>> {
+        fn collect<R: Row>(rows: Vec<R>) -> Result<Vec<Vec<Option<String>>>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.try_get::<Option<String>, _>(i).map_err(Into::into)).collect())
+                .collect()
+        }
+        match self {
+            Self::Sqlite(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.sqlite.as_str()));
+                collect(bind_all!(q, args).fetch_all(&mut **tx).await?)
+            }
+            Self::Postgres(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.postgres.as_str()));
+                collect(bind_all!(q, args).fetch_all(&mut **tx).await?)
+            }
+        }
     }
 
     /// Every row, every column cast to text: for comparing read models.
