@@ -6,7 +6,9 @@
 //! Filters arrive as text from flags and query strings and are validated here, once, into
 //! typed filters; a bad one is a `QueryError::Invalid` that says what was wrong.
 
+pub mod audit;
 pub mod runs;
+pub mod tools;
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 
