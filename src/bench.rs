@@ -266,6 +266,7 @@ async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
                 idempotency_key: None,
                 parent_run: None,
                 replay_of: None,
+                reuse_steps: false,
                 actor: Actor::local(),
                 traceparent: None,
             };

@@ -67,6 +67,10 @@ pub struct RunRequested {
     pub parent_run: Option<RunId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<RunId>,
+    /// Durable steps are answered from this run's recorded results (a replay that only re-runs
+    /// the changed logic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reuse_steps_from: Option<RunId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +192,26 @@ pub struct RunTimedOut {
     pub timeout_ms: u64,
 }
 
+/// What an attempt logged (`ctx.log`, `console.*`), recorded with the attempt's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunLogs {
+    pub attempt: u32,
+    pub entries: Vec<LogEntry>,
+    /// The attempt logged more than its log budget; later lines were dropped.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEntry {
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
 /// An event in the log that cannot be turned into a domain event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -304,6 +328,7 @@ domain_events! {
     RunFailed = "run.failed", v = 1;
     RunCancelled = "run.cancelled", v = 1;
     RunTimedOut = "run.timed_out", v = 1;
+    RunLogs = "run.logs", v = 1;
 }
 
 impl DomainEvent {

@@ -155,6 +155,7 @@ impl RunState {
                 self.error = Some(f.error.clone());
                 self.status = RunStatus::Failed;
             }
+            DomainEvent::RunLogs(_) => {}
             DomainEvent::RunCancelled(_) => self.status = RunStatus::Cancelled,
             DomainEvent::RunTimedOut(_) => self.status = RunStatus::TimedOut,
             other => return invalid(format!("{} in a run stream", other.event_type())),

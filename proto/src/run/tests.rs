@@ -19,6 +19,7 @@ fn requested() -> DomainEvent {
         idempotency_key: None,
         parent_run: None,
         replay_of: None,
+        reuse_steps_from: None,
     }
     .into()
 }

@@ -45,6 +45,9 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    #[error("run queue: {0}")]
+    Queue(String),
+
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod projection;
 pub mod projections;
 pub mod queries;
+pub mod queue;
 mod replay;
 pub mod sqlite;
 mod store;
@@ -24,6 +25,7 @@ pub mod testing;
 
 pub use error::{Result, StoreError};
 pub use event_store::{AppendResult, EventStore, ExpectedVersion};
+pub use queue::{QueueOp, QueuePool};
 pub use replay::replay;
 pub use store::{Backend, Store, StoreOptions};
 pub use subscribe::EventStream;

@@ -22,16 +22,24 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
+use crate::queue::{QueueOp, RunFeedMessage};
 use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
 use crate::{AppendResult, ExpectedVersion, Result, StoreError};
 
 const CHANNEL: &str = "kiln_events";
+/// Notified when a transaction pushed a run job: wakes workers in every process.
+const QUEUE_CHANNEL: &str = "kiln_queue";
+/// Live run updates (logs, progress): `<run id> <json>`.
+pub(crate) const FEED_CHANNEL: &str = "kiln_run_feed";
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     /// The last committed position known to this process; raised by appends and by NOTIFY.
     head: Arc<watch::Sender<Position>>,
+    /// Raised when any process pushed a job (via NOTIFY): wakes this process's workers.
+    queue_signal: Arc<watch::Sender<u64>>,
+    run_feed: tokio::sync::broadcast::Sender<RunFeedMessage>,
     /// Stops the LISTEN task; cancelled by `close` or when the last handle is dropped.
     stop: CancellationToken,
     _stop_on_drop: Arc<DropGuard>,
@@ -48,11 +56,21 @@ impl PgStore {
         let store = Self {
             pool,
             head: Arc::new(watch::Sender::new(Position::START)),
+            queue_signal: Arc::new(watch::Sender::new(0)),
+            run_feed: tokio::sync::broadcast::Sender::new(1024),
             _stop_on_drop: Arc::new(stop.clone().drop_guard()),
             stop,
         };
         store.spawn_listener().await?;
         Ok(store)
+    }
+
+    pub(crate) fn queue_signal(&self) -> &watch::Sender<u64> {
+        &self.queue_signal
+    }
+
+    pub(crate) fn run_feed(&self) -> &tokio::sync::broadcast::Sender<RunFeedMessage> {
+        &self.run_feed
     }
 
     pub(crate) fn pool(&self) -> &PgPool {
@@ -79,9 +97,11 @@ impl PgStore {
     /// or the store is closed.
     async fn spawn_listener(&self) -> Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANNEL).await?;
+        listener.listen_all([CHANNEL, QUEUE_CHANNEL, FEED_CHANNEL]).await?;
         self.refresh_head().await?;
         let head = Arc::downgrade(&self.head);
+        let queue_signal = Arc::downgrade(&self.queue_signal);
+        let run_feed = self.run_feed.clone();
         let pool = self.pool.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
@@ -94,6 +114,18 @@ impl PgStore {
                 };
                 let Some(head) = head.upgrade() else { break };
                 match received {
+                    Ok(Some(n)) if n.channel() == FEED_CHANNEL => {
+                        if let Some((id, body)) = n.payload().split_once(' ')
+                            && let Ok(run_id) = id.parse()
+                        {
+                            let _ = run_feed.send(RunFeedMessage { run_id, body: body.to_owned() });
+                        }
+                    }
+                    Ok(Some(n)) if n.channel() == QUEUE_CHANNEL => {
+                        if let Some(signal) = queue_signal.upgrade() {
+                            signal.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                    }
                     Ok(Some(n)) => {
                         if let Ok(p) = n.payload().parse::<u64>() {
                             advance_head(&head, Position(p));
@@ -101,6 +133,9 @@ impl PgStore {
                     }
                     // The connection was lost and re-established: notifications may be lost.
                     Ok(None) => {
+                        if let Some(signal) = queue_signal.upgrade() {
+                            signal.send_modify(|n| *n = n.wrapping_add(1));
+                        }
                         if let Ok(p) =
                             sqlx::query_scalar::<_, i64>("SELECT position FROM kiln_log_head").fetch_one(&pool).await
                         {
@@ -126,9 +161,20 @@ impl PgStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
+        self.append_queued(stream, expected, events, &[]).await
+    }
+
+    /// Appends and applies `queue` changes in the same transaction.
+    pub async fn append_queued(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        queue: &[QueueOp],
+    ) -> Result<AppendResult> {
         check_append(stream, &events)?;
         let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
-        match self.try_append(stream, expected, &events, payloads).await {
+        match self.try_append(stream, expected, &events, payloads, queue).await {
             Err(StoreError::Database(e)) if StoreError::is_unique_violation(&e) => {
                 // A concurrent retry of this very append won, or a later event id is stored.
                 match self.already_stored(stream, &events).await? {
@@ -146,6 +192,7 @@ impl PgStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
         payloads: Vec<String>,
+        queue: &[QueueOp],
     ) -> Result<AppendResult> {
         if let Some(done) = self.already_stored(stream, events).await? {
             return Ok(done);
@@ -199,7 +246,16 @@ impl PgStore {
         .bind(last.to_string())
         .execute(&mut *tx)
         .await?;
+        if !queue.is_empty() {
+            crate::queue::apply_postgres(&mut tx, queue).await?;
+            if queue.iter().any(|op| matches!(op, QueueOp::Push { .. })) {
+                sqlx::query("SELECT pg_notify($1, '')").bind(QUEUE_CHANNEL).execute(&mut *tx).await?;
+            }
+        }
         tx.commit().await?;
+        if queue.iter().any(|op| matches!(op, QueueOp::Push { .. })) {
+            self.queue_signal.send_modify(|n| *n = n.wrapping_add(1));
+        }
 
         advance_head(&self.head, Position(last as u64));
         Ok(AppendResult {

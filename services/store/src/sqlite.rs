@@ -20,6 +20,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::queue::{QueueOp, RunFeedMessage};
 use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
 use crate::{AppendResult, ExpectedVersion, Result, StoreError};
 
@@ -33,6 +34,9 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// The last committed position; appends raise it after commit, subscribers wait on it.
     head: Arc<watch::Sender<Position>>,
+    /// Raised after commits that pushed a job: wakes this process's workers.
+    queue_signal: Arc<watch::Sender<u64>>,
+    run_feed: tokio::sync::broadcast::Sender<RunFeedMessage>,
 }
 
 impl SqliteStore {
@@ -69,12 +73,26 @@ impl SqliteStore {
             .max_connections(options.max_connections.max(1))
             .connect_with(connect.read_only(true))
             .await?;
-        let store = Self { writer, reader, head: Arc::new(watch::Sender::new(Position::START)) };
+        let store = Self {
+            writer,
+            reader,
+            head: Arc::new(watch::Sender::new(Position::START)),
+            queue_signal: Arc::new(watch::Sender::new(0)),
+            run_feed: tokio::sync::broadcast::Sender::new(1024),
+        };
         Ok(store)
     }
 
     pub(crate) fn writer(&self) -> &SqlitePool {
         &self.writer
+    }
+
+    pub(crate) fn queue_signal(&self) -> &watch::Sender<u64> {
+        &self.queue_signal
+    }
+
+    pub(crate) fn run_feed(&self) -> &tokio::sync::broadcast::Sender<RunFeedMessage> {
+        &self.run_feed
     }
 
     pub(crate) fn reader(&self) -> &SqlitePool {
@@ -98,6 +116,17 @@ impl SqliteStore {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        self.append_queued(stream, expected, events, &[]).await
+    }
+
+    /// Appends and applies `queue` changes in the same transaction.
+    pub async fn append_queued(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        queue: &[QueueOp],
     ) -> Result<AppendResult> {
         check_append(stream, &events)?;
         let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
@@ -158,7 +187,11 @@ impl SqliteStore {
                 return Err(e.into());
             }
         }
+        crate::queue::apply_sqlite(&mut tx, queue).await?;
         tx.commit().await?;
+        if queue.iter().any(|op| matches!(op, QueueOp::Push { .. })) {
+            self.queue_signal.send_modify(|n| *n = n.wrapping_add(1));
+        }
 
         let n = events.len() as i64;
         let last = Position((head + n) as u64);

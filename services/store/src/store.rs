@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::postgres::PgStore;
 use crate::projection::WriteTx;
+use crate::queue::QueueOp;
 use crate::sqlite::SqliteStore;
 use crate::{AppendResult, EventStore, ExpectedVersion, Result, StoreError};
 
@@ -98,14 +99,28 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         let migrator = crate::migrate::migrator(self.backend());
         match self {
-            Self::Sqlite(s) => {
-                migrator.run(s.writer()).await?;
-                s.refresh_head().await
-            }
-            Self::Postgres(s) => {
-                migrator.run(s.pool()).await?;
-                s.refresh_head().await
-            }
+            Self::Sqlite(s) => migrator.run(s.writer()).await?,
+            Self::Postgres(s) => migrator.run(s.pool()).await?,
+        }
+        self.migrate_queue().await?;
+        match self {
+            Self::Sqlite(s) => s.refresh_head().await,
+            Self::Postgres(s) => s.refresh_head().await,
+        }
+    }
+
+    /// Appends like [`EventStore::append`] and applies `queue` changes in the same transaction:
+    /// the events and the job rows commit together or not at all.
+    pub async fn append_queued(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        queue: &[QueueOp],
+    ) -> Result<AppendResult> {
+        match self {
+            Self::Sqlite(s) => s.append_queued(stream, expected, events, queue).await,
+            Self::Postgres(s) => s.append_queued(stream, expected, events, queue).await,
         }
     }
 

@@ -90,6 +90,7 @@ async fn seed_run(store: &Store, s: Seed) -> RunId {
             idempotency_key: None,
             parent_run: s.parent,
             replay_of: s.replay_of,
+            reuse_steps_from: None,
         },
     )];
     let t = |ms: i64| at + Duration::milliseconds(ms);
@@ -336,6 +337,7 @@ async fn seed_history(store: &Store, events: usize) -> u64 {
                 idempotency_key: None,
                 parent_run: None,
                 replay_of: None,
+                reuse_steps_from: None,
             },
         )];
         evs.push(by(

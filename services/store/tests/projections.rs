@@ -36,6 +36,7 @@ fn run_events(run: kiln_proto::RunId, fail_first: bool, outcome_ok: bool) -> Vec
             idempotency_key: Some("k1".into()),
             parent_run: None,
             replay_of: None,
+            reuse_steps_from: None,
         }),
         domain(RunAttemptStarted { attempt: 1, worker_id: "w".into(), lease_expires_at: now }),
     ];

@@ -14,6 +14,7 @@ mod children;
 mod execute;
 mod host;
 mod request;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use cancel::Cancelled;
 pub use execute::{AttemptOutcome, ExecuteError};
 pub use request::{RequestError, Requested, RunRequest};
+pub use watch::{RunUpdate, RunView, RunWatch};
 
 use crate::sandbox::Sandbox;
 
@@ -50,6 +52,9 @@ pub struct RunEngine {
     /// invocations may exceed the sandbox pool's limits (their parents hold processes while they
     /// wait), so this also bounds how far a chain can exceed them.
     max_depth: usize,
+    /// How long a worker may go without a heartbeat before its attempts count as lost (its
+    /// workers' liveness, as the queue records it). None: only an attempt's lease expiry does.
+    heartbeat_timeout: Option<Duration>,
 }
 
 type Validators = HashMap<(ToolName, u32), Arc<ArgumentValidator>>;
@@ -64,7 +69,19 @@ impl RunEngine {
             validators: Arc::default(),
             inflight: Arc::default(),
             max_depth: 3,
+            heartbeat_timeout: None,
         }
+    }
+
+    /// Treats an attempt as lost once its worker has sent no heartbeat for `timeout`, instead
+    /// of waiting for the attempt's lease to expire. For engines whose workers heartbeat.
+    pub fn with_heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
     }
 
     /// Sets how deep child runs may nest (default 3).

@@ -67,6 +67,7 @@ fn request(tool: &str, arguments: Value) -> RunRequest {
         idempotency_key: None,
         parent_run: None,
         replay_of: None,
+        reuse_steps: false,
         actor: Actor::parse("key:tester").unwrap(),
         traceparent: None,
     }

@@ -5,7 +5,7 @@
 use kiln_proto::events::RunCancelled;
 use kiln_proto::run::RunStatus;
 use kiln_proto::{Actor, DomainEvent, EventMetadata, NewEvent, RunId, StreamId};
-use kiln_store::{EventStore, ExpectedVersion, StoreError};
+use kiln_store::{ExpectedVersion, QueueOp, StoreError};
 
 use super::{ExecuteError, RunEngine};
 
@@ -30,7 +30,8 @@ impl RunEngine {
             let mut metadata = EventMetadata::new(actor.clone());
             metadata.correlation_id = events.first().and_then(|e| e.metadata.correlation_id);
             let event = NewEvent::from_domain(&DomainEvent::from(event), metadata);
-            match self.store.append(&stream, ExpectedVersion::Exact(state.version), vec![event]).await {
+            let queue = [QueueOp::Remove(run_id)];
+            match self.store.append_queued(&stream, ExpectedVersion::Exact(state.version), vec![event], &queue).await {
                 Ok(_) => {
                     if let Some(running) = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).get(&run_id) {
                         running.cancel();

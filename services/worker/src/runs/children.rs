@@ -49,6 +49,7 @@ impl RunEngine {
             idempotency_key: Some(format!("child of {} at {journal_key}", parent.run_id)),
             parent_run: Some(parent.run_id),
             replay_of: None,
+            reuse_steps: false,
             actor,
             traceparent: None,
         };

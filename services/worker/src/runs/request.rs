@@ -2,9 +2,10 @@
 
 use kiln_proto::arguments::InvalidArguments;
 use kiln_proto::events::RunRequested;
+use kiln_proto::job::RunJob;
 use kiln_proto::tool_state::Lifecycle;
 use kiln_proto::{Actor, DomainEvent, EventId, EventMetadata, NewEvent, RunId, StreamId, ToolName, TraceParent};
-use kiln_store::{EventStore, ExpectedVersion, StoreError};
+use kiln_store::{ExpectedVersion, QueueOp, StoreError};
 use serde_json::Value;
 
 use super::{ExecuteError, RunEngine, read_stream};
@@ -20,6 +21,8 @@ pub struct RunRequest {
     pub idempotency_key: Option<String>,
     pub parent_run: Option<RunId>,
     pub replay_of: Option<RunId>,
+    /// With `replay_of`: answer durable steps from the original run's recorded results.
+    pub reuse_steps: bool,
     pub actor: Actor,
     pub traceparent: Option<TraceParent>,
 }
@@ -79,6 +82,7 @@ impl RunEngine {
             idempotency_key: req.idempotency_key.clone(),
             parent_run: req.parent_run,
             replay_of: req.replay_of,
+            reuse_steps_from: req.replay_of.filter(|_| req.reuse_steps),
         };
         let mut metadata = EventMetadata::new(req.actor.clone());
         metadata.correlation_id = Some(req.parent_run.map_or(run_id.as_uuid(), |p| p.as_uuid()));
@@ -87,7 +91,10 @@ impl RunEngine {
         if let Some(key) = &req.idempotency_key {
             event.event_id = EventId::for_key(&format!("run.requested\0{}\0{key}", req.actor));
         }
-        match self.store.append(&StreamId::run(run_id), ExpectedVersion::NoStream, vec![event]).await {
+        // A child run is driven by its parent's attempt, not the queue.
+        let job = RunJob { run_id, attempt: 1, traceparent: req.traceparent.clone() };
+        let queue = if req.parent_run.is_none() { vec![QueueOp::push(job)] } else { vec![] };
+        match self.store.append_queued(&StreamId::run(run_id), ExpectedVersion::NoStream, vec![event], &queue).await {
             Ok(_) => Ok(Requested { run_id, tool_version: version, existing: false }),
             Err(StoreError::PartialDuplicate { stored_in, .. }) => self.existing_run(&req, &stored_in).await,
             Err(e) => Err(e.into()),
