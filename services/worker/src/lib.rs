@@ -1,6 +1,7 @@
 //! Kiln's worker: runs tool code. [`sandbox`] is the execution layer (a pool of warm Deno
 //! processes behind the [`Sandbox`] trait); run execution (attempts, steps, retries) builds on it.
 
+pub mod replay;
 pub mod runs;
 pub mod sandbox;
 
