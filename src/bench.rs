@@ -17,6 +17,8 @@ use sqlx::Connection;
 
 use crate::config::Config;
 
+mod history;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Event store: append (single and batched) and replay throughput.
@@ -25,6 +27,8 @@ pub enum BenchCommand {
     Sandbox(SandboxBench),
     /// Run engine without a queue: request -> attempt -> recorded result, in this process.
     Runs(RunsBench),
+    /// History: projection rebuild (events/s) and audit export (lines/s, peak memory).
+    History(history::HistoryBench),
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +93,7 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode>
             print!("{}", kiln_worker::sandbox::bench::run(opts).await?);
         }
         BenchCommand::Runs(b) => runs_bench(config, &b).await?,
+        BenchCommand::History(b) => history::run(&b).await?,
         BenchCommand::Store(b) => {
             let backends = match b.backend {
                 BenchBackend::Sqlite => vec![BenchBackend::Sqlite],
