@@ -17,6 +17,7 @@ use sqlx::Connection;
 
 use crate::config::Config;
 
+mod history;
 mod queue;
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +29,8 @@ pub enum BenchCommand {
     /// Durable runs: request -> recorded result, through the queue and workers (`--queue`) or
     /// the run engine alone.
     Runs(RunsBench),
+    /// History: projection rebuild (events/s) and audit export (lines/s, peak memory).
+    History(history::HistoryBench),
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +101,7 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode>
             print!("{}", kiln_worker::sandbox::bench::run(opts).await?);
         }
         BenchCommand::Runs(b) => runs_bench(config, &b).await?,
+        BenchCommand::History(b) => history::run(&b).await?,
         BenchCommand::Store(b) => {
             let backends = match b.backend {
                 BenchBackend::Sqlite => vec![BenchBackend::Sqlite],

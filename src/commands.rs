@@ -1,7 +1,10 @@
-//! The commands that act on a store: serving, migrating, projections.
+//! The commands that act on a store: serving, migrating, projections, history and audit.
 
+pub mod audit;
 pub mod projections;
+pub mod runs;
 pub mod serve;
+pub mod tools;
 pub mod worker;
 
 use std::process::ExitCode;

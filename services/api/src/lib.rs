@@ -5,6 +5,7 @@
 //! listener on `127.0.0.1:0`.
 
 mod health;
+pub mod history;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,7 +53,7 @@ pub enum ApiError {
 pub async fn build(config: &ApiConfig, state: AppState) -> Result<App, ApiError> {
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| ApiError::Bind { addr: config.listen, source })?;
-    let router = Router::new().merge(health::routes()).with_state(state);
+    let router = Router::new().merge(health::routes()).merge(history::routes()).with_state(state);
     Ok(App { listener, router })
 }
 
