@@ -50,6 +50,136 @@ pub enum Command {
     /// Measure performance and print the figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run history: list runs, show one with every event, replay past runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Export the audit log as JSON lines.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// The tool catalog, now or as it was.
+    #[command(subcommand)]
+    Tools(ToolsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List runs, newest first.
+    List(RunsListFlags),
+    /// One run: summary, arguments, outcome, children, and a timeline of every event.
+    Show {
+        /// The run's id.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a past run again with its original arguments and show what changed.
+    Replay(RunsReplayFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct RunsListFlags {
+    #[arg(long)]
+    pub tool: Option<String>,
+    /// queued, running, retry_scheduled, succeeded, failed, cancelled or timed_out.
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Requested at or after (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Requested before (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Continue after a previous page (its printed cursor).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsReplayFlags {
+    /// The run to replay. Without it, replays every run of --tool with --status (default
+    /// failed) requested in --since/--until.
+    #[arg(required_unless_present = "tool")]
+    pub id: Option<String>,
+    /// recorded (the original's), latest, or a version number.
+    #[arg(long, default_value = "recorded")]
+    pub version: String,
+    /// Answer durable steps from the original's recorded results (no repeated side effects).
+    #[arg(long, conflicts_with = "fresh")]
+    pub reuse_steps: bool,
+    /// Run every step again (the default).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Bulk replay: the tool whose runs to replay.
+    #[arg(long, conflicts_with = "id")]
+    pub tool: Option<String>,
+    /// Bulk replay: runs with this status.
+    #[arg(long, default_value = "failed", requires = "tool")]
+    pub status: String,
+    #[arg(long, requires = "tool")]
+    pub since: Option<String>,
+    #[arg(long, requires = "tool")]
+    pub until: Option<String>,
+    /// Who executes the new runs: `local` (this process, for when no worker is running) or
+    /// `worker` (wait for the queue's workers).
+    #[arg(long, value_enum, default_value = "local")]
+    pub execute: Executor,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Executor {
+    Local,
+    Worker,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Write the audit log to stdout, one JSON object per line, in log order.
+    Export(AuditExportFlags),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditExportFlags {
+    /// At or after (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// A tool: its changes and its runs.
+    #[arg(long)]
+    pub tool: Option<String>,
+    /// An action (run.failed) or a kind of action (run.*).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only lines after this log position (to resume an export).
+    #[arg(long)]
+    pub after: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ToolsCommand {
+    /// List the catalog, or the catalog as it was at a log position or time.
+    List {
+        /// A log position (e.g. 1200) or a time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        at: Option<String>,
+        /// Include deleted tools.
+        #[arg(long)]
+        deleted: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +271,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mcp(_) => commands::mcp::run(&config).await,
         Command::Keys(cmd) => commands::keys::run(&config, cmd).await,
         Command::Bench(cmd) => bench::run(&config, cmd).await,
+        Command::Runs(cmd) => commands::runs::run(&config, cmd).await,
+        Command::Audit(AuditCommand::Export(flags)) => commands::audit::export(&config, flags).await,
+        Command::Tools(cmd) => commands::tools::run(&config, cmd).await,
         Command::Config(_) => Ok(ExitCode::SUCCESS),
     }
 }

@@ -1,9 +1,12 @@
-//! The commands that act on a store: serving, migrating, projections.
+//! The commands that act on a store: serving, migrating, projections, history and audit.
 
+pub mod audit;
 pub mod keys;
 pub mod mcp;
 pub mod projections;
+pub mod runs;
 pub mod serve;
+pub mod tools;
 pub mod worker;
 
 use std::process::ExitCode;

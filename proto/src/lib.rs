@@ -6,6 +6,7 @@
 //! the worker and the API cannot disagree about what an event or a tool is.
 
 pub mod arguments;
+pub mod audit;
 pub mod envelope;
 pub mod events;
 pub mod ids;

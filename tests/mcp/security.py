@@ -36,6 +36,15 @@ def get(url):
         return r.status, json.loads(r.read().decode())
 
 
+def get_status(url, token=None):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 async def main():
     url, admin, reader, narrow = sys.argv[1:5]
     base = url.rsplit("/mcp", 1)[0]
@@ -69,6 +78,11 @@ async def main():
     challenge = headers.get("www-authenticate", "")
     check(status == 403 and 'error="insufficient_scope"' in challenge and 'scope="tools:write"' in challenge,
           "a key without tools:write: 403 insufficient_scope naming it", (status, headers, body))
+
+    check(get_status(base + "/v1/audit.jsonl") == 401, "the audit export needs a credential")
+    check(get_status(base + "/v1/audit.jsonl", reader) == 403, "the audit export needs audit:read")
+    check(get_status(base + "/v1/runs", reader) == 403, "run history needs runs:read")
+    check(get_status(base + "/v1/runs", admin) == 200, "an admin key reads run history")
 
     async with http_session(url, token=reader) as s:
         tools = await s.list_tools()

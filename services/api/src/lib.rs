@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod catalog;
 mod health;
+pub mod history;
 pub mod limits;
 pub mod live;
 pub mod mcp;
@@ -156,8 +157,11 @@ pub async fn build(config: &ApiConfig, state: AppState) -> Result<App, ApiError>
         .route("/.well-known/oauth-protected-resource", get(resource_metadata))
         .route("/.well-known/oauth-protected-resource/mcp", get(resource_metadata))
         .with_state(gate.clone());
+    // Run history and audit sit behind the same gate as MCP (scopes runs:read, audit:read).
+    let history = history::routes().with_state(state.clone());
     let router = Router::new()
         .nest_service("/mcp", mcp)
+        .merge(history)
         .layer(axum::middleware::from_fn_with_state(gate, auth::http::gate))
         .merge(metadata)
         .merge(health::routes().with_state(state));

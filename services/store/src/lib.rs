@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod postgres;
 pub mod projection;
 pub mod projections;
+pub mod queries;
 pub mod queue;
 mod replay;
 pub mod sqlite;

@@ -53,4 +53,31 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     /// Applies one event. Events of no interest are ignored; every event is decoded first, so an
     /// unknown or malformed event stops the projection with its position instead of being skipped.
     async fn apply(&self, tx: &mut WriteTx, prefix: &str, event: &RecordedEvent, decoded: &DomainEvent) -> Result<()>;
+
+    /// Applies consecutive events, all decoded. The default applies them one by one; a projection
+    /// that sees many events (runs, audit) folds a batch in memory and writes it in a few
+    /// multi-row statements instead.
+    async fn apply_batch(
+        &self,
+        tx: &mut WriteTx,
+        prefix: &str,
+        events: &[(&RecordedEvent, DomainEvent)],
+    ) -> Result<()> {
+        for (e, d) in events {
+            self.apply(tx, prefix, e, d).await.map_err(|err| at_position(self.name(), e, err))?;
+        }
+        Ok(())
+    }
+}
+
+/// Names the projection and the event's position in an error that does not already.
+pub(crate) fn at_position(projection: &str, e: &RecordedEvent, err: crate::StoreError) -> crate::StoreError {
+    match err {
+        crate::StoreError::Projection { .. } => err,
+        other => crate::StoreError::Projection {
+            projection: projection.to_owned(),
+            position: e.position.0,
+            message: other.to_string(),
+        },
+    }
 }

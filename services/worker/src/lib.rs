@@ -2,6 +2,7 @@
 //! processes behind the [`Sandbox`] trait); run execution (attempts, steps, retries) builds on it.
 
 pub mod queue;
+pub mod replay;
 pub mod runs;
 pub mod sandbox;
 #[cfg(feature = "testing")]

@@ -326,4 +326,11 @@ impl PollStrategy for Wakeups {
         }
         if woke { Poll::Ready(Some(())) } else { Poll::Pending }
     }
+
+    fn on_poll(&mut self, snapshot: &PollSnapshot) {
+        // The poll after a wakeup found work: that wakeup was not lost, no need to look again.
+        if snapshot.consecutive_ready > 0 {
+            self.recheck = None;
+        }
+    }
 }

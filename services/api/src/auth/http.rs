@@ -1,4 +1,4 @@
-//! The HTTP gate in front of `/mcp`: body size, authentication, per-MCP-method scopes, per-actor
+//! The HTTP gate in front of `/mcp` and the history endpoints (`/v1/runs`, `/v1/audit.jsonl`): body size, authentication, per-MCP-method scopes, per-actor
 //! limits. Refusals follow the MCP authorization spec: 401 with `WWW-Authenticate` pointing at
 //! the protected-resource metadata document, 403 with `error="insufficient_scope"`; 413 for an
 //! oversized body; 429 with `Retry-After`. Every 401/403 is recorded as an `auth.denied` event.
@@ -169,6 +169,17 @@ fn required_scopes(body: &Value) -> Vec<(String, Scope)> {
     out
 }
 
+/// The scope an HTTP endpoint outside MCP needs (run history and audit).
+fn path_scope(path: &str) -> Option<Scope> {
+    if path.starts_with("/v1/audit") {
+        Some(Scope::AuditRead)
+    } else if path.starts_with("/v1/runs") {
+        Some(Scope::RunsRead)
+    } else {
+        None
+    }
+}
+
 fn json_error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
 }
@@ -216,10 +227,11 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
         }
     };
 
-    if !bytes.is_empty()
-        && let Ok(body) = serde_json::from_slice::<Value>(&bytes)
-        && let Some((method, scope)) = required_scopes(&body).into_iter().find(|(_, s)| !principal.has(*s))
-    {
+    let needed = match path_scope(&path) {
+        Some(scope) => vec![(format!("{} {path}", parts.method), scope)],
+        None => serde_json::from_slice::<Value>(&bytes).map(|body| required_scopes(&body)).unwrap_or_default(),
+    };
+    if let Some((method, scope)) = needed.into_iter().find(|(_, s)| !principal.has(*s)) {
         gate.record_denial(
             Some(&principal.actor),
             AuthDenied {
@@ -289,6 +301,13 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_endpoints_need_their_scopes() {
+        assert_eq!(path_scope("/v1/audit.jsonl"), Some(Scope::AuditRead));
+        assert_eq!(path_scope("/v1/runs/0192"), Some(Scope::RunsRead));
+        assert_eq!(path_scope("/mcp"), None);
+    }
 
     #[test]
     fn scopes_follow_the_method_and_the_tool() {

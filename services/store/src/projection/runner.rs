@@ -220,29 +220,30 @@ pub(super) async fn read_until(
     Ok(events)
 }
 
-/// Decodes and applies events with their positions named in any error.
+/// Decodes and applies events with their positions named in any error. Every event is decoded
+/// before any is applied, so an undecodable one stops the batch (the runner then commits the
+/// events before it on their own).
 pub(super) async fn apply_events(
     tx: &mut WriteTx,
     p: &dyn Projection,
     prefix: &str,
     events: &[RecordedEvent],
 ) -> Result<()> {
-    for e in events {
-        let decoded = e.decode().map_err(|err| StoreError::Projection {
-            projection: p.name().to_owned(),
-            position: e.position.0,
-            message: err.to_string(),
-        })?;
-        p.apply(tx, prefix, e, &decoded).await.map_err(|err| match err {
-            StoreError::Projection { .. } => err,
-            other => StoreError::Projection {
+    let decoded = events
+        .iter()
+        .map(|e| {
+            e.decode().map(|d| (e, d)).map_err(|err| StoreError::Projection {
                 projection: p.name().to_owned(),
                 position: e.position.0,
-                message: other.to_string(),
-            },
-        })?;
-    }
-    Ok(())
+                message: err.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let first = events.first();
+    p.apply_batch(tx, prefix, &decoded).await.map_err(|err| match first {
+        Some(e) => super::at_position(p.name(), e, err),
+        None => err,
+    })
 }
 
 /// Where a projection's checkpoint stands (0 if it has none).

@@ -36,6 +36,12 @@ impl From<Option<String>> for SqlValue {
     }
 }
 
+impl From<Option<i64>> for SqlValue {
+    fn from(i: Option<i64>) -> Self {
+        Self::Int(i)
+    }
+}
+
 impl From<i64> for SqlValue {
     fn from(i: i64) -> Self {
         Self::Int(Some(i))
@@ -52,9 +58,32 @@ pub struct Stmt {
 impl Stmt {
     pub fn new(sql: impl Into<String>) -> Self {
         let postgres = sql.into();
-        let sqlite = postgres.replace('$', "?");
+        let sqlite = sqlite_placeholders(&postgres);
         Self { postgres, sqlite }
     }
+}
+
+/// `$n` placeholders as SQLite wants them: anonymous `?` when they appear exactly as `$1, $2, ...`
+/// in order (each once), `?n` otherwise. Numbered ones cost SQLite a scan of every name per bind
+/// (sqlx asks each parameter's name), which made a multi-row INSERT of thousands of values
+/// quadratic: half of a projection rebuild's time.
+fn sqlite_placeholders(sql: &str) -> String {
+    let numbered = sql.replace('$', "?");
+    let mut out = String::with_capacity(sql.len());
+    let mut expected = 1u64;
+    let mut rest = sql;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let digits = rest[i + 1..].bytes().take_while(u8::is_ascii_digit).count();
+        if rest[i + 1..i + 1 + digits].parse::<u64>() != Ok(expected) {
+            return numbered;
+        }
+        out.push('?');
+        expected += 1;
+        rest = &rest[i + 1 + digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 macro_rules! bind_all {
@@ -112,6 +141,30 @@ impl WriteTx {
         })
     }
 
+    /// Every row of a query with binds, each column read as text (cast non-text columns in the
+    /// SQL): for reading read models on either backend.
+    pub async fn fetch_rows(&mut self, stmt: &Stmt, args: &[SqlValue]) -> Result<Vec<Vec<Option<String>>>> {
+        fn collect<R: Row>(rows: Vec<R>) -> Result<Vec<Vec<Option<String>>>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.try_get::<Option<String>, _>(i).map_err(Into::into)).collect())
+                .collect()
+        }
+        match self {
+            Self::Sqlite(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.sqlite.as_str()));
+                collect(bind_all!(q, args).fetch_all(&mut **tx).await?)
+            }
+            Self::Postgres(tx) => {
+                let q = sqlx::query(sqlx::AssertSqlSafe(stmt.postgres.as_str()));
+                collect(bind_all!(q, args).fetch_all(&mut **tx).await?)
+            }
+        }
+    }
+
     /// Every row, every column cast to text: for comparing read models.
     pub async fn fetch_text_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
         fn collect<R: Row>(rows: Vec<R>) -> Result<Vec<Vec<Option<String>>>>
@@ -151,5 +204,18 @@ impl WriteTx {
             Self::Sqlite(_) => "",
             Self::Postgres(_) => " FOR UPDATE",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sequential_placeholders_become_anonymous_on_sqlite() {
+        use super::sqlite_placeholders as s;
+        assert_eq!(s("INSERT INTO t VALUES ($1, $2), ($3, $4)"), "INSERT INTO t VALUES (?, ?), (?, ?)");
+        assert_eq!(s("SELECT 1"), "SELECT 1");
+        assert_eq!(s("UPDATE t SET a = $2 WHERE b = $1"), "UPDATE t SET a = ?2 WHERE b = ?1");
+        assert_eq!(s("SELECT $1 WHERE x = $1"), "SELECT ?1 WHERE x = ?1");
+        assert_eq!(s("SELECT $10"), "SELECT ?10");
     }
 }
