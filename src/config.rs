@@ -72,6 +72,34 @@ pub struct AuthConfig {
     pub resource_url: Option<String>,
     /// OAuth authorization servers to name in the protected-resource metadata.
     pub authorization_servers: Vec<String>,
+    /// Also accept JWT bearer tokens from an identity provider.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JWT bearer tokens: checked against a JWKS file (re-read when it changes), issuer, audience.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The identity provider's JWK set, as a file (replace it to rotate keys).
+    pub jwks_file: PathBuf,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (this resource).
+    pub audience: String,
+    /// The claim listing the hosts the caller's tools may reach (absent: none).
+    #[serde(default = "default_hosts_claim")]
+    pub hosts_claim: String,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_hosts_claim() -> String {
+    "kiln_hosts".to_owned()
+}
+
+fn default_leeway() -> u64 {
+    30
 }
 
 /// Per-actor request limits (each API replica enforces them on its own traffic).
@@ -285,6 +313,14 @@ impl Config {
                 self.listen
             );
         }
+        if let Some(j) = &self.auth.jwt {
+            if !self.auth.required {
+                bail!("auth.jwt: set auth.required = true too (tokens are only checked when auth is required)");
+            }
+            if j.issuer.is_empty() || j.audience.is_empty() {
+                bail!("auth.jwt: issuer and audience must not be empty");
+            }
+        }
         if self.mcp.call_budget_ms == 0 || self.mcp.call_budget_ms > 3_600_000 {
             bail!("mcp.call_budget_ms: must be between 1 and 3600000, got {}", self.mcp.call_budget_ms);
         }
@@ -400,6 +436,13 @@ impl Config {
                 required: self.auth.required,
                 resource_url: self.auth.resource_url.clone(),
                 authorization_servers: self.auth.authorization_servers.clone(),
+                jwt: self.auth.jwt.as_ref().map(|j| kiln_api::auth::jwt::JwtSettings {
+                    jwks_file: j.jwks_file.clone(),
+                    issuer: j.issuer.clone(),
+                    audience: j.audience.clone(),
+                    hosts_claim: j.hosts_claim.clone(),
+                    leeway_secs: j.leeway_secs,
+                }),
             },
             limits: kiln_api::LimitSettings {
                 requests_per_second: self.limits.requests_per_second,

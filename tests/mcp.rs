@@ -124,6 +124,26 @@ fn auth_scopes_host_grants_and_transport_guards() {
     assert_eq!(scope.1["method"], "tools/call");
 }
 
+#[test]
+fn jwt_bearer_tokens_checked_against_a_jwks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    run_client("jwt_auth.py", &["keygen", d]);
+    let jwks = format!("{d}/jwks.json");
+    let server = serve(
+        dir.path(),
+        &[
+            ("KILN_AUTH__REQUIRED", "true"),
+            ("KILN_AUTH__JWT__JWKS_FILE", &jwks),
+            ("KILN_AUTH__JWT__ISSUER", "https://idp.test"),
+            ("KILN_AUTH__JWT__AUDIENCE", "kiln"),
+        ],
+    );
+    let out = run_client("jwt_auth.py", &["check", &format!("http://{}/mcp", server.addr), d]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    server.terminate();
+}
+
 /// The scenarios the issue names; each must pass (never be in the baseline).
 const REQUIRED_SCENARIOS: &[&str] = &[
     "server-initialize",

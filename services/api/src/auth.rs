@@ -3,10 +3,12 @@
 //! the tools it creates. Without authentication configured (a loopback server) every request is
 //! the `local` actor with every scope and no host restriction beyond the sandbox policy.
 //!
-//! Credentials: API keys ([`keys`], stored hashed in the database). The HTTP gate ([`http`]) maps each MCP request to the scope it
+//! Credentials: API keys ([`keys`], stored hashed in the database) and JWT bearer tokens checked
+//! against a JWKS ([`jwt`]). The HTTP gate ([`http`]) maps each MCP request to the scope it
 //! needs and answers 401/403 as the MCP authorization spec describes.
 
 pub mod http;
+pub mod jwt;
 pub mod keys;
 
 use std::fmt;

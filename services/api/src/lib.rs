@@ -110,6 +110,8 @@ pub enum ApiError {
     Serve(#[source] std::io::Error),
     #[error("cannot load the tool catalog: {0}")]
     Catalog(#[source] kiln_store::StoreError),
+    #[error("auth.jwt: {0}")]
+    Auth(#[source] auth::jwt::JwtError),
     #[error("MCP over stdio failed: {0}")]
     Stdio(String),
 }
@@ -147,12 +149,15 @@ pub async fn build(config: &ApiConfig, state: AppState) -> Result<App, ApiError>
         Arc::new(LocalSessionManager::default()),
         http,
     );
-    let gate = Arc::new(Gate::new(
-        config.auth.clone(),
-        state.store.clone(),
-        limits::Limiter::new(config.limits),
-        config.mcp.max_body_bytes,
-    ));
+    let gate = Arc::new(
+        Gate::new(
+            config.auth.clone(),
+            state.store.clone(),
+            limits::Limiter::new(config.limits),
+            config.mcp.max_body_bytes,
+        )
+        .map_err(ApiError::Auth)?,
+    );
     let metadata = Router::new()
         .route("/.well-known/oauth-protected-resource", get(resource_metadata))
         .route("/.well-known/oauth-protected-resource/mcp", get(resource_metadata))

@@ -17,6 +17,7 @@ use kiln_proto::{Actor, DomainEvent, EventMetadata, NewEvent, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, Store};
 use serde_json::{Value, json};
 
+use super::jwt::{JwtSettings, JwtVerifier};
 use super::keys::{ApiKeys, Rejected, is_api_key};
 use super::{Principal, Scope};
 use crate::limits::{Limiter, Refused};
@@ -32,6 +33,8 @@ pub struct AuthSettings {
     pub resource_url: Option<String>,
     /// Authorization servers named in the protected-resource metadata.
     pub authorization_servers: Vec<String>,
+    /// Accept JWT bearer tokens checked against this JWKS (besides API keys).
+    pub jwt: Option<JwtSettings>,
 }
 
 /// Shared state of the gate.
@@ -39,6 +42,7 @@ pub struct AuthSettings {
 pub struct Gate {
     pub settings: AuthSettings,
     pub keys: ApiKeys,
+    pub jwt: Option<JwtVerifier>,
     pub limiter: Limiter,
     pub max_body_bytes: usize,
     pub store: Store,
@@ -50,15 +54,23 @@ pub struct Gate {
 const DENIALS_PER_SECOND: u32 = 20;
 
 impl Gate {
-    pub fn new(settings: AuthSettings, store: Store, limiter: Limiter, max_body_bytes: usize) -> Self {
-        Self {
+    /// Fails if a configured JWKS cannot be read.
+    pub fn new(
+        settings: AuthSettings,
+        store: Store,
+        limiter: Limiter,
+        max_body_bytes: usize,
+    ) -> Result<Self, super::jwt::JwtError> {
+        let jwt = settings.jwt.clone().map(JwtVerifier::new).transpose()?;
+        Ok(Self {
             settings,
+            jwt,
             keys: ApiKeys::new(store.clone()),
             limiter,
             max_body_bytes,
             store,
             denial_budget: Mutex::new((Instant::now(), 0)),
-        }
+        })
     }
 
     fn metadata_url(&self, headers: &HeaderMap) -> String {
@@ -114,7 +126,13 @@ impl Gate {
                 }
             };
         }
-        Err(("invalid_token", None))
+        match &self.jwt {
+            Some(jwt) => jwt.verify(token).map_err(|e| {
+                tracing::info!(error = %e, "JWT refused");
+                (e.reason(), None)
+            }),
+            None => Err(("invalid_token", None)),
+        }
     }
 
     fn record_denial(&self, actor: Option<&Actor>, denied: AuthDenied) {
