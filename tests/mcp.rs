@@ -189,3 +189,57 @@ fn the_mcp_conformance_suite_passes_except_its_baseline() {
     println!("conformance: {total}");
     server.terminate();
 }
+
+#[tokio::test]
+async fn catalog_changes_reach_the_sessions_of_another_replica() {
+    let db = common::PgDb::create().await;
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = Server::start(dir_a.path(), &["serve", "--listen", "127.0.0.1:0", "--database-url", &db.url]);
+    let b = Server::start(dir_b.path(), &["api", "--listen", "127.0.0.1:0", "--database-url", &db.url]);
+    let out = run_client("cross_replica.py", &[&format!("http://{}/mcp", a.addr), &format!("http://{}/mcp", b.addr)]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    b.terminate();
+    a.terminate();
+}
+
+/// A raw `initialize` POST to /mcp: (status, headers).
+async fn post_initialize(addr: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    // An accepted initialize answers on an SSE stream that stays open: the head is enough.
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut chunk).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    (status, text.split_once("\r\n\r\n").map(|(h, _)| h.to_owned()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_actor_over_its_rate_is_told_when_to_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &[("KILN_LIMITS__REQUESTS_PER_SECOND", "0.01"), ("KILN_LIMITS__BURST", "2")]);
+    assert_eq!(post_initialize(&server.addr).await.0, 200);
+    assert_eq!(post_initialize(&server.addr).await.0, 200);
+    let (status, headers) = post_initialize(&server.addr).await;
+    assert_eq!(status, 429, "{headers}");
+    let retry = headers
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap_or_else(|| panic!("no Retry-After in {headers}"));
+    assert!((1..=100).contains(&retry), "retry after {retry} s");
+    server.terminate();
+}
