@@ -362,7 +362,7 @@ pub fn parse_name(name: &str) -> Result<ToolName, CatalogError> {
 }
 
 /// Every event of a stream.
-pub(crate) async fn read_stream(
+async fn read_stream(
     store: &Store,
     stream: &StreamId,
 ) -> Result<Vec<kiln_proto::RecordedEvent>, StoreError> {
