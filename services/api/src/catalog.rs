@@ -362,10 +362,7 @@ pub fn parse_name(name: &str) -> Result<ToolName, CatalogError> {
 }
 
 /// Every event of a stream.
-async fn read_stream(
-    store: &Store,
-    stream: &StreamId,
-) -> Result<Vec<kiln_proto::RecordedEvent>, StoreError> {
+async fn read_stream(store: &Store, stream: &StreamId) -> Result<Vec<kiln_proto::RecordedEvent>, StoreError> {
     let mut out: Vec<kiln_proto::RecordedEvent> = Vec::new();
     loop {
         let after = out.last().map_or(StreamVersion(0), |e| e.stream_version);
