@@ -18,6 +18,7 @@ use sqlx::Connection;
 use crate::config::Config;
 
 mod history;
+mod queue;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -25,7 +26,8 @@ pub enum BenchCommand {
     Store(StoreBench),
     /// Tool sandbox: warm round trip, cold start, throughput, raw `deno run` start.
     Sandbox(SandboxBench),
-    /// Run engine without a queue: request -> attempt -> recorded result, in this process.
+    /// Durable runs: request -> recorded result, through the queue and workers (`--queue`) or
+    /// the run engine alone.
     Runs(RunsBench),
     /// History: projection rebuild (events/s) and audit export (lines/s, peak memory).
     History(history::HistoryBench),
@@ -41,6 +43,12 @@ pub struct RunsBench {
     /// Runs in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Through the queue and workers, end to end (default: the run engine alone, in this process).
+    #[arg(long)]
+    queue: bool,
+    /// With --queue on PostgreSQL: `kiln worker` processes to start.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
 }
@@ -258,6 +266,12 @@ async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
     ];
     let events = events.iter().map(|e| NewEvent::from_domain(e, meta.clone())).collect();
     store.append(&StreamId::tool(&d.name), ExpectedVersion::NoStream, events).await?;
+    if b.queue {
+        queue::run(config, b, store.clone(), &scratch.url, sandbox.clone(), d.name.clone()).await?;
+        sandbox.shutdown();
+        store.close().await;
+        return scratch.drop_db().await;
+    }
 
     let one = |i: usize| {
         let engine = engine.clone();

@@ -29,10 +29,12 @@ pub struct GlobalFlags {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run everything in one process: API, projections (and workers as they land).
+    /// Run everything in one process: API, projections and a queue worker.
     Serve(ServeFlags),
     /// Run an API replica: HTTP API and projections.
     Api(ServeFlags),
+    /// Run a queue worker: claims runs and executes them in the Deno sandbox.
+    Worker(WorkerFlags),
     /// Create or upgrade the database schema.
     Migrate,
     /// Inspect, rebuild and verify read models.
@@ -182,6 +184,13 @@ pub struct ServeFlags {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+#[derive(Debug, Args)]
+pub struct WorkerFlags {
+    /// Runs executed at once (default: worker.concurrency, 8).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ProjectionsCommand {
     /// Show each projection's position and lag behind the log.
@@ -215,7 +224,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     telemetry::init(&config.log);
     match cli.command {
-        Command::Serve(_) | Command::Api(_) => commands::serve::run(&config).await,
+        Command::Serve(_) => commands::serve::run(&config, commands::serve::Role::All).await,
+        Command::Api(_) => commands::serve::run(&config, commands::serve::Role::Api).await,
+        Command::Worker(flags) => commands::worker::run(&config, flags.concurrency).await,
         Command::Migrate => commands::migrate(&config).await,
         Command::Projections(cmd) => commands::projections::run(&config, cmd).await,
         Command::Bench(cmd) => bench::run(&config, cmd).await,

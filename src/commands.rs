@@ -5,6 +5,7 @@ pub mod projections;
 pub mod runs;
 pub mod serve;
 pub mod tools;
+pub mod worker;
 
 use std::process::ExitCode;
 

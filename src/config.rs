@@ -28,6 +28,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub projections: ProjectionsConfig,
     pub sandbox: SandboxSettings,
+    pub worker: WorkerSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +103,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             projections: ProjectionsConfig::default(),
             sandbox: SandboxSettings::default(),
+            worker: WorkerSettings::default(),
         }
     }
 }
@@ -134,7 +136,47 @@ pub struct FlagOverrides {
 }
 
 /// Top-level keys: `KILN_*` variables outside these (say `KILN_TEST_PG_URL`) are not config.
-const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections", "sandbox"];
+/// This machine's name, for naming workers (`unknown` if it cannot be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Queue workers: in `kiln worker`, and inside `kiln serve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Runs executed at once per worker process (`kiln serve`: 0 runs no worker in-process).
+    pub concurrency: usize,
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent this many heartbeats is presumed dead: its runs move to other workers.
+    pub missed_heartbeats: usize,
+    /// Backstop poll for jobs when no wakeup arrives.
+    pub poll_interval_ms: u64,
+    /// After SIGTERM, how long running runs may take to finish before they are handed back.
+    pub drain_timeout_ms: u64,
+    /// How often to re-queue runs that are neither ended nor queued.
+    pub reconcile_interval_ms: u64,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        let w = kiln_worker::queue::WorkerConfig::default();
+        Self {
+            concurrency: w.concurrency,
+            heartbeat_interval_ms: w.heartbeat_interval.as_millis() as u64,
+            missed_heartbeats: w.missed_heartbeats,
+            poll_interval_ms: w.poll_interval.as_millis() as u64,
+            drain_timeout_ms: w.drain_timeout.as_millis() as u64,
+            reconcile_interval_ms: w.reconcile_interval.as_millis() as u64,
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections", "sandbox", "worker"];
 
 impl Config {
     /// Loads the layers. `file`: an explicit config file (must exist); otherwise `./kiln.toml`
@@ -188,6 +230,20 @@ impl Config {
         if !(1..=100_000).contains(&self.projections.batch_size) {
             bail!("projections.batch_size: must be between 1 and 100000, got {}", self.projections.batch_size);
         }
+        let w = &self.worker;
+        if w.heartbeat_interval_ms < 100 || w.missed_heartbeats == 0 {
+            bail!("worker: heartbeat_interval_ms must be at least 100 and missed_heartbeats at least 1");
+        }
+        if w.heartbeat_interval_ms * (w.missed_heartbeats as u64) < 3_000 {
+            bail!(
+                "worker: heartbeat_interval_ms x missed_heartbeats must be at least 3000 ms (got {} ms): the \
+                 queue compares heartbeats in whole seconds, so less would take runs from live workers",
+                w.heartbeat_interval_ms * w.missed_heartbeats as u64
+            );
+        }
+        if w.poll_interval_ms == 0 || w.reconcile_interval_ms < 1_000 {
+            bail!("worker: poll_interval_ms must be at least 1 and reconcile_interval_ms at least 1000");
+        }
         self.sandbox_policy()?;
         let s = &self.sandbox;
         if s.max_processes == 0 || s.max_per_tool == 0 || s.max_per_tool > s.max_processes {
@@ -213,6 +269,20 @@ impl Config {
             ),
         };
         Ok(SandboxPolicy { network, allow_npm: self.sandbox.allow_npm, allow_jsr: self.sandbox.allow_jsr })
+    }
+
+    /// The queue worker settings, for `concurrency` runs at once.
+    pub fn worker_config(&self, concurrency: usize) -> kiln_worker::queue::WorkerConfig {
+        let w = &self.worker;
+        kiln_worker::queue::WorkerConfig {
+            concurrency,
+            heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms),
+            missed_heartbeats: w.missed_heartbeats,
+            poll_interval: Duration::from_millis(w.poll_interval_ms),
+            drain_timeout: Duration::from_millis(w.drain_timeout_ms),
+            reconcile_interval: Duration::from_millis(w.reconcile_interval_ms),
+            name_prefix: format!("kiln-{}-{}", hostname(), std::process::id()),
+        }
     }
 
     /// Finds the configured deno and checks its version, then assembles the sandbox settings.

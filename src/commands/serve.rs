@@ -13,7 +13,16 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::open_store;
 use crate::config::{Config, redact_url};
 
-pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
+/// What this process runs besides the API and projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `kiln serve`: a queue worker too (unless `worker.concurrency` is 0).
+    All,
+    /// `kiln api`: workers run elsewhere.
+    Api,
+}
+
+pub async fn run(config: &Config, role: Role) -> anyhow::Result<ExitCode> {
     // Checked first: a missing or wrong deno is a start-up error, not a failure at the first run.
     let sandbox = Arc::new(DenoSandbox::start(config.sandbox_config()?)?);
     let store = open_store(config).await?;
@@ -34,9 +43,16 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     println!("kiln listening on http://{addr}");
 
     let projections = tokio::spawn(runner.run(shutdown.clone()));
+    let worker = (role == Role::All && config.worker.concurrency > 0).then(|| {
+        let worker = config.worker_config(config.worker.concurrency);
+        tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox.clone(), worker, shutdown.clone()))
+    });
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let served = app.run(shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
     let _ = projections.await;
     sandbox.shutdown();
     store.close().await;
@@ -46,7 +62,7 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Cancels `shutdown` on the first Ctrl-C or SIGTERM.
-async fn cancel_on_signal(shutdown: CancellationToken) {
+pub(crate) async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,

@@ -104,4 +104,5 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+#[allow(unused_imports)]
 pub use kiln_store::testing::PgDatabase as PgDb;

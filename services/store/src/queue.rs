@@ -186,6 +186,62 @@ impl Store {
         } > 0)
     }
 
+    /// Applies queue changes in a transaction of their own.
+    pub async fn apply_queue(&self, ops: &[QueueOp]) -> Result<()> {
+        match self {
+            Self::Sqlite(s) => {
+                let mut tx = s.writer().begin_with("BEGIN IMMEDIATE").await?;
+                apply_sqlite(&mut tx, ops).await?;
+                tx.commit().await?;
+            }
+            Self::Postgres(s) => {
+                let mut tx = s.pool().begin().await?;
+                apply_postgres(&mut tx, ops).await?;
+                tx.commit().await?;
+            }
+        }
+        if ops.iter().any(|op| matches!(op, QueueOp::Push { .. })) {
+            self.signal_queue();
+        }
+        Ok(())
+    }
+
+    /// Runs the `runs` read model shows as neither ended nor queued since before `quiet_since`:
+    /// no live job row, top-level (a child run is driven by its parent). Candidates only: the
+    /// read model may lag, so check each run's stream before queueing it.
+    pub async fn stranded_runs(&self, quiet_since: DateTime<Utc>, limit: i64) -> Result<Vec<RunId>> {
+        let since = quiet_since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let sql = |jobs: &str| {
+            format!(
+                "SELECT r.run_id FROM runs r
+                 WHERE r.status IN ('queued', 'running', 'retry_scheduled') AND r.parent_run IS NULL
+                   AND r.updated_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM {jobs} j
+                                   WHERE j.job_type = $2 AND j.idempotency_key = r.run_id AND j.status <> 'Done')
+                 ORDER BY r.updated_at LIMIT $3"
+            )
+        };
+        let ids: Vec<String> = match self {
+            Self::Sqlite(s) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql("Jobs").replace('$', "?")))
+                    .bind(since)
+                    .bind(QUEUE)
+                    .bind(limit)
+                    .fetch_all(s.reader())
+                    .await?
+            }
+            Self::Postgres(s) => {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql("apalis.jobs")))
+                    .bind(since)
+                    .bind(QUEUE)
+                    .bind(limit)
+                    .fetch_all(s.pool())
+                    .await?
+            }
+        };
+        Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
+    }
+
     /// Job rows in the run queue by status, for status pages and tests.
     pub async fn queue_depth(&self) -> Result<Vec<(String, i64)>> {
         let rows = match self {

@@ -17,22 +17,28 @@ const BATCH: usize = 512;
 
 pub(crate) fn subscribe<S: EventStore + 'static>(store: S, after: Position) -> EventStream {
     let head = store.head_watch();
-    let state = (store, head, after, VecDeque::<RecordedEvent>::new());
-    Box::pin(futures::stream::unfold(state, |(store, mut head, mut after, mut buffer)| async move {
+    // `caught_up`: the last read returned less than a full batch, so nothing more was committed
+    // before it began; wait for the head to move before reading again.
+    let state = (store, head, after, VecDeque::<RecordedEvent>::new(), false);
+    Box::pin(futures::stream::unfold(state, |(store, mut head, mut after, mut buffer, mut caught_up)| async move {
         loop {
             if let Some(event) = buffer.pop_front() {
                 after = event.position;
-                return Some((Ok(event), (store, head, after, buffer)));
+                return Some((Ok(event), (store, head, after, buffer, caught_up)));
+            }
+            if caught_up {
+                if head.changed().await.is_err() {
+                    return None;
+                }
+                caught_up = false;
             }
             head.borrow_and_update();
             match store.read_all(after, BATCH).await {
-                Ok(batch) if !batch.is_empty() => buffer.extend(batch),
-                Ok(_) => {
-                    if head.changed().await.is_err() {
-                        return None;
-                    }
+                Ok(batch) => {
+                    caught_up = batch.len() < BATCH;
+                    buffer.extend(batch);
                 }
-                Err(e) => return Some((Err(e), (store, head, after, buffer))),
+                Err(e) => return Some((Err(e), (store, head, after, buffer, caught_up))),
             }
         }
     }))

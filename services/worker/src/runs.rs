@@ -28,7 +28,7 @@ use kiln_store::{EventStore, Store};
 use tokio_util::sync::CancellationToken;
 
 pub use cancel::Cancelled;
-pub use execute::{AttemptOutcome, ExecuteError};
+pub use execute::{AttemptOutcome, ExecuteError, INLINE_RETRY_MAX};
 pub use request::{RequestError, Requested, RunRequest};
 pub use watch::{RunUpdate, RunView, RunWatch};
 
@@ -46,6 +46,8 @@ pub struct RunEngine {
     lease_margin: Duration,
     /// Compiled input schemas by tool version.
     validators: Arc<Mutex<Validators>>,
+    /// Tools as last folded, with the stream version they were folded at.
+    tools: Arc<Mutex<HashMap<ToolName, Arc<ToolState>>>>,
     /// Runs executing in this process, to stop at once when cancelled.
     inflight: Arc<Mutex<HashMap<RunId, CancellationToken>>>,
     /// How deep child runs may nest (a run calling a tool that calls a tool...). Child
@@ -55,6 +57,8 @@ pub struct RunEngine {
     /// How long a worker may go without a heartbeat before its attempts count as lost (its
     /// workers' liveness, as the queue records it). None: only an attempt's lease expiry does.
     heartbeat_timeout: Option<Duration>,
+    /// Ended runs, for watchers (started on first use).
+    endings: watch::Endings,
 }
 
 type Validators = HashMap<(ToolName, u32), Arc<ArgumentValidator>>;
@@ -67,9 +71,11 @@ impl RunEngine {
             worker_id: worker_id.into(),
             lease_margin: Duration::from_secs(30),
             validators: Arc::default(),
+            tools: Arc::default(),
             inflight: Arc::default(),
             max_depth: 3,
             heartbeat_timeout: None,
+            endings: watch::Endings::default(),
         }
     }
 
@@ -100,6 +106,38 @@ impl RunEngine {
         Ok(ToolState::fold(&events)?)
     }
 
+    /// The tool as its stream says it is now, folded again only when the stream has moved.
+    async fn current_tool(&self, name: &ToolName) -> Result<Option<Arc<ToolState>>, ExecuteError> {
+        let Some(version) = self.store.stream_version(&StreamId::tool(name)).await? else { return Ok(None) };
+        if let Some(cached) = self.cached_tool(name).filter(|t| t.stream_version == version) {
+            return Ok(Some(cached));
+        }
+        self.refresh_tool(name).await
+    }
+
+    /// A tool with `version` published: versions never change, so any cached fold that has it
+    /// will do.
+    async fn tool_with_version(&self, name: &ToolName, version: u32) -> Result<Option<Arc<ToolState>>, ExecuteError> {
+        if let Some(cached) = self.cached_tool(name).filter(|t| t.versions.contains_key(&version)) {
+            return Ok(Some(cached));
+        }
+        self.refresh_tool(name).await
+    }
+
+    fn cached_tool(&self, name: &ToolName) -> Option<Arc<ToolState>> {
+        self.tools.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    async fn refresh_tool(&self, name: &ToolName) -> Result<Option<Arc<ToolState>>, ExecuteError> {
+        let Some(state) = self.tool_state(name).await?.map(Arc::new) else { return Ok(None) };
+        let mut tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = tools.get(name).is_none_or(|t| t.stream_version < state.stream_version);
+        if newer {
+            tools.insert(name.clone(), state.clone());
+        }
+        Ok(Some(state))
+    }
+
     fn validator(&self, state: &ToolState, version: u32) -> Result<Arc<ArgumentValidator>, ExecuteError> {
         let key = (state.name.clone(), version);
         let mut cache = self.validators.lock().unwrap_or_else(|e| e.into_inner());
@@ -124,6 +162,8 @@ impl RunEngine {
     }
 }
 
+const PAGE: usize = 1_000;
+
 /// Every event of a stream (streams of tools and runs are short).
 async fn read_stream(
     store: &Store,
@@ -132,10 +172,11 @@ async fn read_stream(
     let mut out = Vec::new();
     loop {
         let after = out.last().map_or(StreamVersion(0), |e: &RecordedEvent| e.stream_version);
-        let page = store.read_stream(stream, after, 1_000).await?;
-        if page.is_empty() {
+        let page = store.read_stream(stream, after, PAGE).await?;
+        let last = page.len() < PAGE;
+        out.extend(page);
+        if last {
             return Ok(out);
         }
-        out.extend(page);
     }
 }

@@ -67,7 +67,7 @@ impl RunEngine {
             traceparent: first.metadata.traceparent.clone(),
         };
         let tool = self
-            .tool_state(&state.request.tool)
+            .tool_with_version(&state.request.tool, state.request.tool_version)
             .await?
             .ok_or(ExecuteError::UnknownVersion(state.request.tool_version))?;
         let definition = &tool

@@ -43,6 +43,20 @@ pub(super) struct StepState {
 }
 
 impl StepHost {
+    /// Fails (and fences the attempt) if the run's stream has moved past what this attempt
+    /// last wrote: it was cancelled, or another worker took it over.
+    async fn check_still_holding(&self, known: StreamVersion) -> Result<(), String> {
+        match self.store.stream_version(&self.stream).await {
+            Ok(Some(current)) if current > known => {
+                self.fenced.cancel();
+                Err("this attempt no longer holds the run (cancelled, or taken over after its lease was lost); stopping"
+                    .to_owned())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("could not check the run's state: {e}")),
+        }
+    }
+
     /// Records a step's result in the run stream, at the version this attempt last wrote.
     async fn record(&self, key: String, value: Value) -> Result<(), String> {
         let mut s = self.state.lock().await;
@@ -78,10 +92,13 @@ impl HostCalls for StepHost {
                 if !s.used.insert(key.clone()) {
                     return Err(format!("step key {key:?} is used twice in this run; step keys must be unique"));
                 }
-                Ok(match s.recorded.get(&key) {
-                    Some(value) => json!({"found": true, "value": value}),
-                    None => json!({"found": false}),
-                })
+                if let Some(value) = s.recorded.get(&key) {
+                    return Ok(json!({"found": true, "value": value}));
+                }
+                // About to run the step's side effects: make sure this attempt still holds the
+                // run (a paused worker whose run moved on must not repeat them).
+                self.check_still_holding(s.version).await?;
+                Ok(json!({"found": false}))
             }
             "step.record" => {
                 let key = key()?;
@@ -103,6 +120,8 @@ impl HostCalls for StepHost {
                     let id = id.parse().map_err(|_| format!("journaled child run id {id:?} is invalid"))?;
                     return self.engine.wait_for(id).await;
                 }
+                let known = self.state.lock().await.version;
+                self.check_still_holding(known).await?;
                 let requester = self.requester.clone();
                 let child = self.engine.request_child(&self.request, &key, name, args, requester).await?;
                 self.record(key, json!({"runId": child.to_string(), "tool": name})).await?;

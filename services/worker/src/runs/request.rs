@@ -60,7 +60,7 @@ pub enum RequestError {
 impl RunEngine {
     /// Records a new run, or finds the one this actor's idempotency key already names.
     pub async fn request(&self, req: RunRequest) -> Result<Requested, RequestError> {
-        let state = self.tool_state(&req.tool).await?.ok_or_else(|| RequestError::UnknownTool(req.tool.clone()))?;
+        let state = self.current_tool(&req.tool).await?.ok_or_else(|| RequestError::UnknownTool(req.tool.clone()))?;
         match state.lifecycle {
             Lifecycle::Enabled => {}
             Lifecycle::Disabled => return Err(RequestError::Disabled(req.tool)),

@@ -5,12 +5,15 @@
 use chrono::{DateTime, Utc};
 use kiln_proto::events::RunError;
 use kiln_proto::run::RunStatus;
-use kiln_proto::{Actor, Position, RunId, StreamId, StreamVersion, ToolName};
+use kiln_proto::{Actor, Position, RunId, StreamId, ToolName};
 use kiln_store::EventStore;
 use kiln_store::queue::RunFeedMessage;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{broadcast, watch};
+use std::sync::{Arc, OnceLock};
+
+use futures::StreamExt;
+use tokio::sync::broadcast;
 
 use super::{ExecuteError, RunEngine};
 
@@ -70,11 +73,17 @@ pub struct RunWatch {
     engine: RunEngine,
     run_id: RunId,
     feed: Option<broadcast::Receiver<RunFeedMessage>>,
-    head: watch::Receiver<Position>,
-    /// The stream version last looked at: the run is re-read only when it moved.
-    seen: Option<StreamVersion>,
+    endings: broadcast::Receiver<RunId>,
+    /// Look at the run's stream before waiting (first call, or after missing endings).
+    check: bool,
     ended: bool,
 }
+
+/// Runs that ended, as one subscription to the log sees them; shared by every watcher of an
+/// engine, so waiting costs nothing per watcher while other runs come and go.
+pub(super) type Endings = Arc<OnceLock<broadcast::Sender<RunId>>>;
+
+const TERMINAL: &[&str] = &["run.succeeded", "run.failed", "run.cancelled", "run.timed_out"];
 
 impl RunEngine {
     /// The run as its stream says it is now; None if there is no such run.
@@ -108,11 +117,41 @@ impl RunEngine {
     pub async fn watch(&self, run_id: RunId) -> Result<RunWatch, ExecuteError> {
         // Subscribe before looking, so nothing between the look and the wait is missed.
         let feed = Some(self.store.run_feed());
-        let head = self.store.head_watch();
+        let endings = self.endings();
         if self.store.stream_version(&StreamId::run(run_id)).await?.is_none() {
             return Err(ExecuteError::UnknownRun(run_id));
         }
-        Ok(RunWatch { engine: self.clone(), run_id, feed, head, seen: None, ended: false })
+        Ok(RunWatch { engine: self.clone(), run_id, feed, endings, check: true, ended: false })
+    }
+
+    fn endings(&self) -> broadcast::Receiver<RunId> {
+        self.endings
+            .get_or_init(|| {
+                let (tx, _) = broadcast::channel(4096);
+                // From a head known now: an ending after any watcher's first look is seen.
+                let from = *self.store.head_watch().borrow();
+                tokio::spawn(follow_endings(self.store.clone(), from, tx.clone()));
+                tx
+            })
+            .subscribe()
+    }
+}
+
+async fn follow_endings(store: kiln_store::Store, from: Position, tx: broadcast::Sender<RunId>) {
+    let mut events = store.subscribe(from);
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(e) if e.stream_id.category() == "run" && TERMINAL.contains(&e.event_type.as_str()) => {
+                if let Some(Ok(run_id)) = e.stream_id.as_str().strip_prefix("run-").map(str::parse) {
+                    let _ = tx.send(run_id);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "run watch subscription failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 
@@ -127,49 +166,37 @@ impl RunWatch {
             return None;
         }
         loop {
-            if let Some(view) = self.ended_view().await {
+            if std::mem::take(&mut self.check)
+                && let Some(view) = self.engine.view(self.run_id).await.ok().flatten().filter(RunView::is_ended)
+            {
                 self.ended = true;
                 return Some(RunUpdate::Ended(Box::new(view)));
             }
-            loop {
-                let feed = async {
-                    match self.feed.as_mut() {
-                        Some(feed) => feed.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    // Logs first: they were published before the end was appended.
-                    biased;
-                    message = feed => match message {
-                        Ok(m) if m.run_id == self.run_id => {
-                            if let Some(update) = parse_feed(&m.body) {
-                                return Some(update);
-                            }
-                        }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => self.feed = None,
-                    },
-                    changed = self.head.changed() => {
-                        if changed.is_err() {
-                            return None;
-                        }
-                        break;
-                    }
+            let feed = async {
+                match self.feed.as_mut() {
+                    Some(feed) => feed.recv().await,
+                    None => std::future::pending().await,
                 }
+            };
+            tokio::select! {
+                // Logs first: they were published before the end was appended.
+                biased;
+                message = feed => match message {
+                    Ok(m) if m.run_id == self.run_id => {
+                        if let Some(update) = parse_feed(&m.body) {
+                            return Some(update);
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => self.feed = None,
+                },
+                ended = self.endings.recv() => match ended {
+                    Ok(id) => self.check = id == self.run_id,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.check = true,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
             }
         }
-    }
-
-    /// The run's view if it has ended; reads the run only when its stream moved.
-    async fn ended_view(&mut self) -> Option<RunView> {
-        let store = self.engine.store();
-        let version = store.stream_version(&StreamId::run(self.run_id)).await.ok().flatten();
-        if version.is_some() && version == self.seen {
-            return None;
-        }
-        self.seen = version;
-        self.engine.view(self.run_id).await.ok().flatten().filter(RunView::is_ended)
     }
 }
 

@@ -1,0 +1,336 @@
+//! Queue workers: apalis claims run jobs (SQLite `Jobs` or PostgreSQL `apalis.jobs`), keeps the
+//! worker's heartbeat and re-enqueues the jobs of workers that stopped heartbeating; the run
+//! engine does everything that makes a run a run (attempts, retries, fencing, cancellation).
+//!
+//! - **Wakeups.** A worker wakes when this process pushed a job (or, on PostgreSQL, any process:
+//!   `NOTIFY kiln_queue`), 5 ms after that again (a wakeup that lands while a claim is in flight
+//!   would otherwise be lost), and every `poll_interval` as a backstop.
+//! - **Supervision.** apalis ends a worker at its first database error; the supervisor starts a
+//!   new one under a fresh name (a name cannot be reused while its heartbeat is recent).
+//! - **Drain.** On shutdown the worker stops claiming and in-flight runs get `drain_timeout` to
+//!   finish; then their attempts are cut short and handed back to the queue.
+//! - **Reconciler.** Runs that are neither ended nor queued (a job row lost to an operator, a
+//!   failed re-queue) are queued again.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::{BoxDynError, Data, PollSnapshot, PollStrategy, WorkerBuilder, WorkerBuilderExt};
+use apalis_core::backend::ext::BackendExt;
+use apalis_core::worker::context::WorkerContext;
+use kiln_proto::envelope::now_micros;
+use kiln_proto::job::RunJob;
+use kiln_store::queue::QUEUE;
+use kiln_store::{QueueOp, QueuePool, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::runs::{AttemptOutcome, INLINE_RETRY_MAX, RunEngine};
+use crate::sandbox::Sandbox;
+
+/// How a worker process pulls and runs jobs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Runs executed at once.
+    pub concurrency: usize,
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this many heartbeats is presumed dead: its jobs are re-enqueued and
+    /// its attempts count as lost. apalis compares whole seconds, so keep the product >= 3 s.
+    pub missed_heartbeats: usize,
+    /// Backstop poll when no wakeup arrives (other processes on SQLite, due retries).
+    pub poll_interval: Duration,
+    /// How long in-flight runs may take to finish after shutdown is asked for.
+    pub drain_timeout: Duration,
+    /// How often to look for runs that are neither ended nor queued.
+    pub reconcile_interval: Duration,
+    /// Names this process's workers: `<prefix>-<uuid>`.
+    pub name_prefix: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 3,
+            poll_interval: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(30),
+            reconcile_interval: Duration::from_secs(10),
+            name_prefix: "kiln-worker".to_owned(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Silence after which a worker is presumed dead.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats.max(1) as u32
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("worker {name}: {message}")]
+pub struct WorkerError {
+    pub name: String,
+    pub message: String,
+}
+
+/// Runs queue workers until `shutdown` is cancelled and in-flight runs are drained (or handed
+/// back). Restarts a worker that fails, under a new name, with backoff.
+pub async fn run(store: Store, sandbox: Arc<dyn Sandbox>, config: WorkerConfig, shutdown: CancellationToken) {
+    let reconciler = RunEngine::new(store.clone(), sandbox.clone(), format!("{}-reconciler", config.name_prefix));
+    let reconciler = tokio::spawn(reconcile(reconciler, config.clone(), shutdown.clone()));
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let name = format!("{}-{}", config.name_prefix, uuid::Uuid::now_v7());
+        let engine = RunEngine::new(store.clone(), sandbox.clone(), name.clone())
+            .with_heartbeat_timeout(config.heartbeat_timeout());
+        tracing::info!(worker = %name, concurrency = config.concurrency, "worker started");
+        match run_one(engine, &config, shutdown.clone()).await {
+            Ok(()) => {
+                tracing::info!(worker = %name, "worker stopped");
+                break;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "worker failed; starting another in {backoff:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    reconciler.abort();
+}
+
+/// Shared by a worker's handlers.
+#[derive(Debug)]
+struct Handler {
+    engine: RunEngine,
+    /// Cancelled when the drain deadline passes: in-flight attempts stop and are handed back.
+    abandon: CancellationToken,
+    heartbeat_timeout: Duration,
+}
+
+async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let name = engine.worker_id().to_owned();
+    let store = engine.store().clone();
+    let abandon = CancellationToken::new();
+    let handler = Arc::new(Handler { engine, abandon: abandon.clone(), heartbeat_timeout: config.heartbeat_timeout() });
+    let context = WorkerContext::new(&name);
+    let strategy = Wakeups::new(store.queue_watch(), config.poll_interval);
+    let stop = {
+        let (context, shutdown, drain) = (context.clone(), shutdown.clone(), config.drain_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!(worker = %context.name(), ?drain, "draining: no new runs, waiting for running ones");
+            let _ = context.stop();
+            tokio::time::sleep(drain).await;
+            tracing::warn!(worker = %context.name(), "drain deadline passed: handing back running runs");
+            abandon.cancel();
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = match store.queue_pool() {
+        QueuePool::Sqlite(pool) => {
+            let backend = apalis_sqlite::SqliteStorage::<RunJob>::new(&pool)
+                .with_config(
+                    apalis_sqlite::Config::default()
+                        .queue(QUEUE)
+                        .heartbeat_interval(config.heartbeat_interval)
+                        .missed_heartbeats(config.missed_heartbeats)
+                        .batch_size(config.concurrency.max(1)),
+                )
+                .poll_with_strategy(strategy);
+            let worker = WorkerBuilder::new(context.clone())
+                .backend(backend)
+                .concurrency(config.concurrency.max(1))
+                .data(handler)
+                .build(handle);
+            run_until_stopped(worker.run(), stop).await
+        }
+        QueuePool::Postgres(pool) => {
+            let backend = apalis_postgres::PostgresStorage::<RunJob>::new(&pool)
+                .with_config(
+                    apalis_postgres::Config::default()
+                        .queue(QUEUE)
+                        .heartbeat_interval(config.heartbeat_interval)
+                        .missed_heartbeats(config.missed_heartbeats)
+                        .batch_size(config.concurrency.max(1)),
+                )
+                .poll_with_strategy(strategy);
+            let worker = WorkerBuilder::new(context.clone())
+                .backend(backend)
+                .concurrency(config.concurrency.max(1))
+                .data(handler)
+                .build(handle);
+            run_until_stopped(worker.run(), stop).await
+        }
+    };
+    result.map_err(|e| WorkerError { name, message: e.to_string() })
+}
+
+async fn run_until_stopped<E>(
+    worker: impl Future<Output = Result<(), E>>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), E> {
+    tokio::select! {
+        r = worker => r,
+        () = stop => unreachable!("the stop future never completes"),
+    }
+}
+
+/// One claimed job: execute the run until it ends, waits or is someone else's.
+async fn handle(job: RunJob, handler: Data<Arc<Handler>>) -> Result<(), BoxDynError> {
+    handler.process(job).await;
+    Ok(())
+}
+
+impl Handler {
+    async fn process(&self, job: RunJob) {
+        let run_id = job.run_id;
+        loop {
+            let outcome = match self.engine.execute(run_id, self.abandon.clone()).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    tracing::error!(run = %run_id, error = %e, "run could not be executed; re-queued");
+                    return self.requeue(job, Duration::from_secs(1)).await;
+                }
+            };
+            match outcome {
+                // The end, a takeover and a hand-back each left the queue as it should be.
+                AttemptOutcome::Finished(_) | AttemptOutcome::Fenced | AttemptOutcome::Abandoned => return,
+                AttemptOutcome::RetryAt(at) => {
+                    let wait = (at - now_micros()).to_std().unwrap_or_default();
+                    if wait > INLINE_RETRY_MAX {
+                        // Claimed early (the queue schedules in whole seconds) or a stray job.
+                        return self.requeue_at(job, at).await;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.abandon.cancelled() => return self.requeue_at(job, at).await,
+                    }
+                }
+                // A live worker holds it; look again when it would have been presumed dead.
+                AttemptOutcome::Leased { .. } => return self.requeue(job, self.heartbeat_timeout).await,
+            }
+        }
+    }
+
+    async fn requeue(&self, job: RunJob, after: Duration) {
+        let at = now_micros() + chrono::Duration::from_std(after).unwrap_or_default();
+        self.requeue_at(job, at).await;
+    }
+
+    /// Replaces the run's job row with one due at `at` (the claimed row would otherwise be
+    /// marked done when this handler returns).
+    async fn requeue_at(&self, job: RunJob, at: chrono::DateTime<chrono::Utc>) {
+        let run_id = job.run_id;
+        let op = QueueOp::Push { job, not_before: Some(at) };
+        if let Err(e) = self.engine.store().apply_queue(&[op]).await {
+            tracing::error!(run = %run_id, error = %e, "could not re-queue run; the reconciler will");
+        }
+    }
+}
+
+/// Finds runs that are neither ended nor queued and queues them.
+async fn reconcile(engine: RunEngine, config: WorkerConfig, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.reconcile_interval) => {}
+        }
+        match requeue_stranded(&engine, config.reconcile_interval).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(runs = n, "re-queued runs that were neither ended nor queued"),
+            Err(e) => tracing::debug!(error = %e, "reconciler skipped a round"),
+        }
+    }
+}
+
+/// Queues every run that has been neither ended nor queued for `quiet_for`; how many it queued.
+pub async fn requeue_stranded(engine: &RunEngine, quiet_for: Duration) -> Result<usize, crate::runs::ExecuteError> {
+    let store = engine.store();
+    let since = now_micros() - chrono::Duration::from_std(quiet_for).unwrap_or_default();
+    let mut queued = 0;
+    for run_id in store.stranded_runs(since, 500).await? {
+        // The read model may lag: the stream and the queue decide.
+        let Some(view) = engine.view(run_id).await? else { continue };
+        if view.is_ended() || store.has_job(run_id).await? {
+            continue;
+        }
+        let job = RunJob { run_id, attempt: view.attempts + 1, traceparent: None };
+        store.apply_queue(&[QueueOp::push(job)]).await?;
+        queued += 1;
+    }
+    Ok(queued)
+}
+
+/// Wakes the worker when a job was pushed, again shortly after (a push that commits while a
+/// claim is in flight is missed by that claim), and every `interval`.
+struct Wakeups {
+    signal: Pin<Box<dyn Future<Output = Option<watch::Receiver<u64>>> + Send + Sync>>,
+    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
+    interval: tokio::time::Interval,
+}
+
+impl std::fmt::Debug for Wakeups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wakeups").finish_non_exhaustive()
+    }
+}
+
+const RECHECK: Duration = Duration::from_millis(5);
+
+impl Wakeups {
+    fn new(signal: watch::Receiver<u64>, interval: Duration) -> Self {
+        let mut interval = tokio::time::interval(interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { signal: Box::pin(changed(signal)), recheck: None, interval }
+    }
+}
+
+async fn changed(mut signal: watch::Receiver<u64>) -> Option<watch::Receiver<u64>> {
+    signal.changed().await.ok().map(|()| signal)
+}
+
+impl PollStrategy for Wakeups {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let mut woke = false;
+        // Poll every source until it is pending, so each has the waker registered.
+        while let Poll::Ready(signal) = self.signal.as_mut().poll(cx) {
+            match signal {
+                Some(signal) => {
+                    self.signal = Box::pin(changed(signal));
+                    self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK)));
+                    woke = true;
+                }
+                None => {
+                    self.signal = Box::pin(std::future::pending());
+                    break;
+                }
+            }
+        }
+        if let Some(recheck) = self.recheck.as_mut()
+            && recheck.as_mut().poll(cx).is_ready()
+        {
+            self.recheck = None;
+            woke = true;
+        }
+        while self.interval.poll_tick(cx).is_ready() {
+            woke = true;
+        }
+        if woke { Poll::Ready(Some(())) } else { Poll::Pending }
+    }
+
+    fn on_poll(&mut self, snapshot: &PollSnapshot) {
+        // The poll after a wakeup found work: that wakeup was not lost, no need to look again.
+        if snapshot.consecutive_ready > 0 {
+            self.recheck = None;
+        }
+    }
+}
