@@ -126,9 +126,10 @@ pub struct RunsReplayFlags {
     pub since: Option<String>,
     #[arg(long, requires = "tool")]
     pub until: Option<String>,
-    /// Who executes the new runs: `local` (this process, for when no worker is running) or
-    /// `worker` (wait for the queue's workers).
-    #[arg(long, value_enum, default_value = "local")]
+    /// Who executes the new runs: `worker` (wait for the queue's workers, e.g. a running
+    /// `kiln serve`), `local` (this process), or `auto`: a worker if one starts the run within
+    /// two seconds, else this process.
+    #[arg(long, value_enum, default_value = "auto")]
     pub execute: Executor,
     #[arg(long)]
     pub json: bool,
@@ -136,6 +137,7 @@ pub struct RunsReplayFlags {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Executor {
+    Auto,
     Local,
     Worker,
 }

@@ -139,7 +139,7 @@ async fn a_failed_run_shows_every_attempt_and_a_fixed_version_replays_to_success
 
     // The fix is published; replaying on the latest version succeeds and the diff says how.
     f.publish(weather(2), 2).await;
-    let report = f.json(&["runs", "replay", &id, "--version", "latest", "--json"]).await;
+    let report = f.json(&["runs", "replay", &id, "--version", "latest", "--execute", "local", "--json"]).await;
     assert_eq!(report["original"]["status"], "failed");
     assert_eq!(
         (report["replay"]["status"].as_str(), report["replay"]["toolVersion"].as_u64()),
@@ -154,7 +154,8 @@ async fn a_failed_run_shows_every_attempt_and_a_fixed_version_replays_to_success
     assert_eq!(change(&report, "/error")["kind"], "removed");
     let fixed: RunId = report["replay"]["runId"].as_str().unwrap().parse().unwrap();
 
-    // On the recorded version the bug is still there: the same outcome.
+    // On the recorded version the bug is still there: the same outcome. (`--execute auto`, the
+    // default: no worker is running, so the CLI executes it after a grace period.)
     let text = f.ok(&["runs", "replay", &id]).await;
     assert!(text.contains("version 1 -> 1, failed -> failed") && text.contains("same outcome"), "{text}");
 
@@ -167,10 +168,19 @@ async fn a_failed_run_shows_every_attempt_and_a_fixed_version_replays_to_success
     // Bulk: every failed run of the tool (the original and the failed replay) on the latest version.
     let failed = f.json(&["runs", "list", "--tool", "weather", "--status", "failed", "--json"]).await;
     assert_eq!(failed["runs"].as_array().unwrap().len(), 2);
-    let bulk = f.json(&["runs", "replay", "--tool", "weather", "--version", "latest", "--json"]).await;
+    let bulk =
+        f.json(&["runs", "replay", "--tool", "weather", "--version", "latest", "--execute", "local", "--json"]).await;
     let bulk = bulk.as_array().unwrap();
     assert_eq!(bulk.len(), 2);
     assert!(bulk.iter().all(|r| r["replay"]["status"] == "succeeded"), "{bulk:?}");
+
+    // With a server running, its queue workers execute the replay and the CLI only waits.
+    let server = Server::start(f.dir.path(), &["serve", "--listen", "127.0.0.1:0", "--database-url", &f.url]);
+    let report = f.json(&["runs", "replay", &id, "--version", "latest", "--execute", "worker", "--json"]).await;
+    assert_eq!(report["replay"]["status"], "succeeded", "{report:#}");
+    let replayed = f.ok(&["runs", "show", report["replay"]["runId"].as_str().unwrap()]).await;
+    assert!(!replayed.contains("started on cli-"), "a server worker ran it, not the CLI: {replayed}");
+    assert!(server.terminate().success());
 
     // Mistakes are explained.
     let out = f.kiln(&["runs", "show", "nope"]).await;
@@ -235,7 +245,9 @@ async fn replay_with_reuse_steps_does_not_repeat_recorded_side_effects() {
     assert_eq!(charges(), 1);
     f.publish(tool(2), 2).await;
 
-    let report = f.json(&["runs", "replay", &original, "--version", "latest", "--reuse-steps", "--json"]).await;
+    let report = f
+        .json(&["runs", "replay", &original, "--version", "latest", "--reuse-steps", "--execute", "local", "--json"])
+        .await;
     assert_eq!(report["replay"]["status"], "succeeded", "{report:#}");
     assert_eq!(change(&report, "/output")["after"], json!({"charged": 1}), "the recorded step result was reused");
     assert_eq!(charges(), 1, "the recorded step did not run again");
@@ -243,7 +255,8 @@ async fn replay_with_reuse_steps_does_not_repeat_recorded_side_effects() {
     let shown = f.ok(&["runs", "show", &replay_id]).await;
     assert!(shown.contains(&format!("reusing steps of {original}")), "{shown}");
 
-    let report = f.json(&["runs", "replay", &original, "--version", "latest", "--fresh", "--json"]).await;
+    let report =
+        f.json(&["runs", "replay", &original, "--version", "latest", "--fresh", "--execute", "local", "--json"]).await;
     assert_eq!(change(&report, "/output")["after"], json!({"charged": 2}));
     assert_eq!(charges(), 2, "a fresh replay runs every step again");
 }

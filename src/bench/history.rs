@@ -33,6 +33,9 @@ pub struct HistoryBench {
     /// Events per projection batch.
     #[arg(long, default_value_t = 1_000)]
     batch: usize,
+    /// Only rebuild this projection (default: each in turn).
+    #[arg(long)]
+    projection: Option<String>,
     #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
 }
@@ -79,6 +82,9 @@ async fn measure(backend: BenchBackend, scratch: &Scratch, b: &HistoryBench) -> 
         head as f64 * runner.projections().len() as f64 / all
     );
     for p in projections::all() {
+        if b.projection.as_deref().is_some_and(|only| only != p.name()) {
+            continue;
+        }
         let start = Instant::now();
         projection::rebuild(&runner, p.as_ref(), b.batch, &|_, _| {}).await?;
         let secs = start.elapsed().as_secs_f64();

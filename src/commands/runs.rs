@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_proto::{Actor, RunId, ToolName};
 use kiln_store::Store;
+use kiln_store::queries;
 use kiln_store::queries::runs::{self, RunDetail, RunFilter, RunSummary, TimelineEntry};
-use kiln_store::queries::{self};
 use kiln_worker::DenoSandbox;
 use kiln_worker::replay::{self, Change, ReplayOptions, ReplayReport, ReplayVersion};
 use kiln_worker::runs::RunEngine;
@@ -245,7 +245,8 @@ async fn replay_runs(config: &Config, store: &Store, flags: RunsReplayFlags) -> 
         (None, Some(tool)) => {
             let f = filter(Some(tool), Some(&flags.status), flags.since.as_deref(), flags.until.as_deref())?;
             queries::catch_up(store, &["runs"]).await?;
-            // Oldest first, and never a replay of a replay made by this same command.
+            // Oldest first; selected before any replay is requested, so this command's own
+            // replays are never picked up.
             let mut selected: Vec<RunId> = runs::all(store, &f).await?.into_iter().map(|r| r.run_id).collect();
             selected.reverse();
             selected
@@ -283,6 +284,9 @@ async fn replay_runs(config: &Config, store: &Store, flags: RunsReplayFlags) -> 
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// How long `--execute auto` waits for a worker to start a replay before executing it here.
+const AUTO_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn replay_one(
     engine: &RunEngine,
     original: RunId,
@@ -295,9 +299,23 @@ async fn replay_one(
     }
     let requested = replay::request_replay(engine, original, opts).await?;
     let stop = CancellationToken::new();
-    let local = (executor == Executor::Local).then(|| {
+    let run = requested.run_id;
+    let local = (executor != Executor::Worker).then(|| {
         let (engine, stop) = (engine.clone(), stop.clone());
-        tokio::spawn(async move { replay::execute_here(&engine, requested.run_id, stop).await })
+        tokio::spawn(async move {
+            if executor == Executor::Auto {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(AUTO_GRACE) => {}
+                }
+                // Still queued: no worker is taking runs. (If one starts meanwhile, the run's
+                // lease makes whichever starts second wait.)
+                if engine.view(run).await?.is_none_or(|v| v.status != "queued") {
+                    return Ok(());
+                }
+            }
+            replay::execute_here(&engine, run, stop).await
+        })
     });
     let after = replay::wait_for_end(engine, requested.run_id).await;
     stop.cancel();

@@ -115,15 +115,30 @@ pub async fn execute_here(engine: &RunEngine, run_id: RunId, stop: CancellationT
     }
 }
 
+/// How often `wait_for_end` also reads the run itself.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Waits until `run_id` has ended (whoever executes it) and returns how it ended.
+///
+/// The run's watch wakes on this process's appends and, on PostgreSQL, on every process's; a
+/// SQLite store is not told of another process's commits (a `kiln serve` worker finishing the
+/// run while the CLI waits), so the run is also re-read every half second.
 pub async fn wait_for_end(engine: &RunEngine, run_id: RunId) -> Result<RunView, ReplayError> {
     let mut watch = engine.watch(run_id).await?;
-    while let Some(update) = watch.next().await {
-        if let RunUpdate::Ended(view) = update {
-            return Ok(*view);
+    loop {
+        tokio::select! {
+            update = watch.next() => match update {
+                Some(RunUpdate::Ended(view)) => return Ok(*view),
+                Some(_) => {}
+                None => return Err(ReplayError::Interrupted(run_id)),
+            },
+            _ = tokio::time::sleep(RECHECK) => {
+                if let Some(view) = engine.view(run_id).await?.filter(RunView::is_ended) {
+                    return Ok(view);
+                }
+            }
         }
     }
-    Err(ReplayError::Interrupted(run_id))
 }
 
 /// The original and the replay side by side, with what changed between their outcomes.

@@ -78,6 +78,11 @@ impl Scratch<'_> {
         while let Some(events) = pages.try_next().await? {
             let Some(last) = events.last().map(|e| e.position) else { break };
             let mut tx = self.store.begin_write().await?;
+            if let WriteTx::Postgres(_) = tx {
+                // Scratch tables are thrown away if the rebuild does not finish, so their batches
+                // need not wait for the WAL flush; the swap into the live tables does.
+                tx.execute_raw("SET LOCAL synchronous_commit = off").await?;
+            }
             apply_events(&mut tx, self.p, self.prefix, &events).await?;
             tx.commit().await?;
             position = last;
@@ -121,6 +126,7 @@ pub async fn rebuild(
         set_checkpoint(&mut tx, p.name(), position, p.version()).await?;
         drop_tables(&mut tx, p, &prefix).await?;
         tx.commit().await?;
+        analyze(store, p).await;
         progress(position.0, position.0);
         Ok(position)
     }
@@ -157,6 +163,25 @@ pub async fn verify(runner: &ProjectionRunner, p: &dyn Projection, batch_size: u
     .await;
     cleanup(store, p, &prefix).await;
     result
+}
+
+/// PostgreSQL: refreshes the planner's statistics of the swapped-in tables. Without them, a table
+/// that was just refilled looks nearly empty to the planner, which then sorts whole tables for
+/// keyset pages (the audit export went from 3 ms to 200 ms a page).
+async fn analyze(store: &Store, p: &dyn Projection) {
+    if store.backend() != crate::Backend::Postgres {
+        return;
+    }
+    for t in p.tables() {
+        let analyzed = async {
+            let mut tx = store.begin_write().await?;
+            tx.execute_raw(&format!("ANALYZE {}", t.name)).await?;
+            tx.commit().await
+        };
+        if let Err(e) = analyzed.await {
+            tracing::warn!(error = %e, table = t.name, "could not analyze a rebuilt table");
+        }
+    }
 }
 
 async fn cleanup(store: &Store, p: &dyn Projection, prefix: &str) {
