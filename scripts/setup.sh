@@ -4,3 +4,4 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/install-deno.sh"
+"$root/scripts/install-mcp-clients.sh"

@@ -18,6 +18,7 @@ use sqlx::Connection;
 use crate::config::Config;
 
 mod history;
+mod mcp;
 mod queue;
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +32,8 @@ pub enum BenchCommand {
     Runs(RunsBench),
     /// History: projection rebuild (events/s) and audit export (lines/s, peak memory).
     History(history::HistoryBench),
+    /// MCP: tools/call round trip of a warm trivial tool over Streamable HTTP, and throughput.
+    Mcp(mcp::McpBench),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +105,7 @@ pub async fn run(config: &Config, cmd: BenchCommand) -> anyhow::Result<ExitCode>
         }
         BenchCommand::Runs(b) => runs_bench(config, &b).await?,
         BenchCommand::History(b) => history::run(&b).await?,
+        BenchCommand::Mcp(b) => mcp::run(config, &b).await?,
         BenchCommand::Store(b) => {
             let backends = match b.backend {
                 BenchBackend::Sqlite => vec![BenchBackend::Sqlite],

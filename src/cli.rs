@@ -42,6 +42,11 @@ pub enum Command {
     Projections(ProjectionsCommand),
     /// Print the effective configuration (secrets hidden).
     Config(ServeFlags),
+    /// Serve MCP to a local client over stdin/stdout (for Claude Desktop, Claude Code, VS Code).
+    Mcp(McpFlags),
+    /// Create, list and revoke API keys for the MCP API.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure performance and print the figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -187,6 +192,40 @@ pub struct ServeFlags {
 }
 
 #[derive(Debug, Args)]
+pub struct McpFlags {
+    /// Use stdin/stdout (the only transport of this command; HTTP is `kiln serve`).
+    #[arg(long, required = true)]
+    pub stdio: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints its secret once.
+    Create {
+        /// The key's name; its actor is `key:<name>`.
+        #[arg(long)]
+        name: String,
+        /// Scopes, comma-separated: tools:read, tools:write, tools:run, runs:read, audit:read, admin.
+        #[arg(long, required = true, value_name = "SCOPES")]
+        scopes: Vec<String>,
+        /// Hosts (host or host:port) tools created with this key may reach; repeat or comma-separate.
+        #[arg(long = "allow-host", value_name = "HOST")]
+        allow_hosts: Vec<String>,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id or name.
+    Revoke {
+        /// The key's id or name.
+        key: String,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct WorkerFlags {
     /// Runs executed at once (default: worker.concurrency, 8).
     #[arg(long, value_name = "N")]
@@ -231,6 +270,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker(flags) => commands::worker::run(&config, flags.concurrency).await,
         Command::Migrate => commands::migrate(&config).await,
         Command::Projections(cmd) => commands::projections::run(&config, cmd).await,
+        Command::Mcp(_) => commands::mcp::run(&config).await,
+        Command::Keys(cmd) => commands::keys::run(&config, cmd).await,
         Command::Bench(cmd) => bench::run(&config, cmd).await,
         Command::Runs(cmd) => commands::runs::run(&config, cmd).await,
         Command::Audit(AuditCommand::Export(flags)) => commands::audit::export(&config, flags).await,

@@ -1,6 +1,8 @@
 //! The commands that act on a store: serving, migrating, projections, history and audit.
 
 pub mod audit;
+pub mod keys;
+pub mod mcp;
 pub mod projections;
 pub mod runs;
 pub mod serve;

@@ -28,7 +28,97 @@ pub struct Config {
     pub store: StoreConfig,
     pub projections: ProjectionsConfig,
     pub sandbox: SandboxSettings,
+    pub mcp: McpConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
     pub worker: WorkerSettings,
+}
+
+/// The MCP endpoint (`/mcp` over Streamable HTTP, and `kiln mcp --stdio`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// How long `tools/call` waits for a run before answering with a run handle.
+    pub call_budget_ms: u64,
+    /// `Host` headers accepted (DNS rebinding protection): host names or `host:port`.
+    pub allowed_hosts: Vec<String>,
+    /// Browser `Origin`s accepted (`scheme://host:port`, `:*` for any port); others get 403.
+    pub allowed_origins: Vec<String>,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        let d = kiln_api::McpSettings::default();
+        Self {
+            call_budget_ms: d.call_budget.as_millis() as u64,
+            allowed_hosts: d.allowed_hosts,
+            allowed_origins: d.allowed_origins,
+            max_body_bytes: d.max_body_bytes,
+        }
+    }
+}
+
+/// Authentication of MCP requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require a bearer credential (an API key from `kiln keys create`) on every MCP request.
+    /// Needed to listen beyond loopback.
+    pub required: bool,
+    /// The URL clients reach this server's MCP endpoint at, for the protected-resource metadata
+    /// (default: derived from the request's Host header).
+    pub resource_url: Option<String>,
+    /// OAuth authorization servers to name in the protected-resource metadata.
+    pub authorization_servers: Vec<String>,
+    /// Also accept JWT bearer tokens from an identity provider.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JWT bearer tokens: checked against a JWKS file (re-read when it changes), issuer, audience.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The identity provider's JWK set, as a file (replace it to rotate keys).
+    pub jwks_file: PathBuf,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (this resource).
+    pub audience: String,
+    /// The claim listing the hosts the caller's tools may reach (absent: none).
+    #[serde(default = "default_hosts_claim")]
+    pub hosts_claim: String,
+    /// Clock skew tolerated on `exp`/`nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_hosts_claim() -> String {
+    "kiln_hosts".to_owned()
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// Per-actor request limits (each API replica enforces them on its own traffic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Sustained MCP requests per second per actor (0: unlimited).
+    pub requests_per_second: f64,
+    /// Requests an actor may make at once above the sustained rate.
+    pub burst: u32,
+    /// MCP requests of one actor in flight at once (0: unlimited).
+    pub max_concurrent: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = kiln_api::LimitSettings::default();
+        Self { requests_per_second: d.requests_per_second, burst: d.burst, max_concurrent: d.max_concurrent }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +193,9 @@ impl Default for Config {
             store: StoreConfig::default(),
             projections: ProjectionsConfig::default(),
             sandbox: SandboxSettings::default(),
+            mcp: McpConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             worker: WorkerSettings::default(),
         }
     }
@@ -176,7 +269,8 @@ impl Default for WorkerSettings {
     }
 }
 
-const SECTIONS: &[&str] = &["database_url", "listen", "deno", "log", "store", "projections", "sandbox", "worker"];
+const SECTIONS: &[&str] =
+    &["database_url", "listen", "deno", "log", "store", "projections", "sandbox", "worker", "mcp", "auth", "limits"];
 
 impl Config {
     /// Loads the layers. `file`: an explicit config file (must exist); otherwise `./kiln.toml`
@@ -211,12 +305,38 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         kiln_store::Backend::of_url(&self.database_url).context("database_url")?;
-        if !self.listen.ip().is_loopback() {
+        if !self.listen.ip().is_loopback() && !self.auth.required {
             bail!(
                 "listen: {} is not a loopback address; Kiln refuses to serve beyond this machine \
-                 without authentication (bind 127.0.0.1 or [::1])",
+                 without authentication (bind 127.0.0.1 or [::1], or set auth.required = true and create \
+                 API keys with `kiln keys create`)",
                 self.listen
             );
+        }
+        if let Some(j) = &self.auth.jwt {
+            if !self.auth.required {
+                bail!("auth.jwt: set auth.required = true too (tokens are only checked when auth is required)");
+            }
+            if j.issuer.is_empty() || j.audience.is_empty() {
+                bail!("auth.jwt: issuer and audience must not be empty");
+            }
+        }
+        if self.mcp.call_budget_ms == 0 || self.mcp.call_budget_ms > 3_600_000 {
+            bail!("mcp.call_budget_ms: must be between 1 and 3600000, got {}", self.mcp.call_budget_ms);
+        }
+        if self.mcp.max_body_bytes < 1024 {
+            bail!("mcp.max_body_bytes: must be at least 1024, got {}", self.mcp.max_body_bytes);
+        }
+        if !self.limits.requests_per_second.is_finite() || self.limits.requests_per_second < 0.0 {
+            bail!("limits.requests_per_second: must be a number >= 0, got {}", self.limits.requests_per_second);
+        }
+        if self.limits.requests_per_second > 0.0 && self.limits.burst == 0 {
+            bail!("limits.burst: must be at least 1 when limits.requests_per_second is set");
+        }
+        for (i, origin) in self.mcp.allowed_origins.iter().enumerate() {
+            if origin != "null" && !origin.contains("://") {
+                bail!("mcp.allowed_origins[{i}]: {origin:?} needs a scheme, e.g. https://app.example.com:443");
+            }
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format: must be \"text\" or \"json\", got {:?}", self.log.format);
@@ -302,6 +422,36 @@ impl Config {
         Ok(config)
     }
 
+    /// The API's settings.
+    pub fn api_config(&self) -> kiln_api::ApiConfig {
+        kiln_api::ApiConfig {
+            listen: self.listen,
+            mcp: kiln_api::McpSettings {
+                call_budget: Duration::from_millis(self.mcp.call_budget_ms),
+                allowed_hosts: self.mcp.allowed_hosts.clone(),
+                allowed_origins: self.mcp.allowed_origins.clone(),
+                max_body_bytes: self.mcp.max_body_bytes,
+            },
+            auth: kiln_api::AuthSettings {
+                required: self.auth.required,
+                resource_url: self.auth.resource_url.clone(),
+                authorization_servers: self.auth.authorization_servers.clone(),
+                jwt: self.auth.jwt.as_ref().map(|j| kiln_api::auth::jwt::JwtSettings {
+                    jwks_file: j.jwks_file.clone(),
+                    issuer: j.issuer.clone(),
+                    audience: j.audience.clone(),
+                    hosts_claim: j.hosts_claim.clone(),
+                    leeway_secs: j.leeway_secs,
+                }),
+            },
+            limits: kiln_api::LimitSettings {
+                requests_per_second: self.limits.requests_per_second,
+                burst: self.limits.burst,
+                max_concurrent: self.limits.max_concurrent,
+            },
+        }
+    }
+
     pub fn store_options(&self) -> kiln_store::StoreOptions {
         kiln_store::StoreOptions {
             database_url: self.database_url.clone(),
@@ -352,6 +502,15 @@ mod tests {
     fn validation_names_the_setting() {
         let bad = |c: Config| c.validate().unwrap_err().to_string();
         assert!(bad(Config { listen: "0.0.0.0:8788".parse().unwrap(), ..Config::default() }).starts_with("listen:"));
+        let mut c = Config { listen: "0.0.0.0:8788".parse().unwrap(), ..Config::default() };
+        c.auth.required = true;
+        c.validate().unwrap();
+        let mut c = Config::default();
+        c.mcp.allowed_origins = vec!["app.example.com".into()];
+        assert!(bad(c).starts_with("mcp.allowed_origins[0]"));
+        let mut c = Config::default();
+        c.limits.requests_per_second = -1.0;
+        assert!(bad(c).starts_with("limits.requests_per_second"));
         assert!(bad(Config { database_url: "mysql://x".into(), ..Config::default() }).starts_with("database_url"));
         let mut c = Config::default();
         c.log.format = "xml".into();

@@ -192,6 +192,23 @@ pub struct RunTimedOut {
     pub timeout_ms: u64,
 }
 
+/// A request to the API was refused by authentication or authorization (401/403), recorded on
+/// the `auth-denied` stream so audit shows who tried what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthDenied {
+    /// `missing_token`, `invalid_token`, `revoked_key`, `expired_token`, `insufficient_scope`...
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_scope: Option<String>,
+    /// The actor name or API key id, when the credential was recognised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// The HTTP method, or the MCP method when the refusal is about one (`tools/call`).
+    pub method: String,
+    pub path: String,
+}
+
 /// What an attempt logged (`ctx.log`, `console.*`), recorded with the attempt's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -328,6 +345,7 @@ domain_events! {
     RunFailed = "run.failed", v = 1;
     RunCancelled = "run.cancelled", v = 1;
     RunTimedOut = "run.timed_out", v = 1;
+    AuthDenied = "auth.denied", v = 1;
     RunLogs = "run.logs", v = 1;
 }
 

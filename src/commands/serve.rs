@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use kiln_api::{ApiConfig, AppState};
+use kiln_api::AppState;
 use kiln_store::projection::{ProjectionRunner, RunnerOptions};
 use kiln_store::projections;
 use kiln_worker::DenoSandbox;
@@ -36,7 +36,7 @@ pub async fn run(config: &Config, role: Role) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     let state = AppState { store: store.clone(), projections: Some(runner.clone()), sandbox: Some(sandbox.clone()) };
-    let app = kiln_api::build(&ApiConfig { listen: config.listen }, state).await?;
+    let app = kiln_api::build(&config.api_config(), state).await?;
     let addr = app.local_addr();
     let deno = &sandbox.config().deno;
     tracing::info!(%addr, database = %redact_url(&config.database_url), deno = %deno.path().display(), "kiln serving");

@@ -54,8 +54,13 @@ pub struct Server {
 impl Server {
     /// Starts `kiln <args>` and waits for its "listening" line.
     pub fn start(dir: &Path, args: &[&str]) -> Server {
+        Self::start_with(kiln(dir), args)
+    }
+
+    /// Starts a prepared `kiln` command (say with extra environment) with `args`.
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Server {
         use std::io::BufRead;
-        let mut child = kiln(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = std::io::BufReader::new(stdout).lines();
         let line = lines.next().expect("kiln printed nothing").expect("read stdout");

@@ -9,10 +9,15 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 use crate::Backend;
 
-const SQLITE: &[(i64, &str, &str)] = &[(1, "event log", include_str!("../../../migrations/sqlite/0001_event_log.sql"))];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (1, "event log", include_str!("../../../migrations/sqlite/0001_event_log.sql")),
+    (2, "api keys", include_str!("../../../migrations/sqlite/0002_api_keys.sql")),
+];
 
-const POSTGRES: &[(i64, &str, &str)] =
-    &[(1, "event log", include_str!("../../../migrations/postgres/0001_event_log.sql"))];
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (1, "event log", include_str!("../../../migrations/postgres/0001_event_log.sql")),
+    (2, "api keys", include_str!("../../../migrations/postgres/0002_api_keys.sql")),
+];
 
 /// The migrator for one backend.
 pub fn migrator(backend: Backend) -> Migrator {

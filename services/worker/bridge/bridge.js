@@ -418,6 +418,42 @@ function hostCall(inv, method, params) {
   });
 }
 
+/** Base64 of bytes (`Uint8Array`, `ArrayBuffer`); a string is taken as base64 already. */
+function toBase64(data) {
+  if (typeof data === "string") return data;
+  const bytes = data instanceof Uint8Array ? data : new Uint8Array(data);
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+/**
+ * `ctx.content(blocks, structured?)`: a result the MCP API sends as explicit content blocks
+ * instead of JSON text. Blocks are MCP content objects or strings (text); the helpers build them.
+ * The API checks each block and, when the tool declares an outputSchema, `structured` against it.
+ */
+const CONTENT = Object.freeze(Object.assign(
+  function content(blocks, structured) {
+    const list = (Array.isArray(blocks) ? blocks : [blocks]).map((b) => (typeof b === "string" ? { type: "text", text: b } : b));
+    const out = { "mcp/content": list };
+    if (structured !== undefined) out["mcp/structuredContent"] = structured;
+    return out;
+  },
+  {
+    text: (text) => ({ type: "text", text: String(text) }),
+    image: (data, mimeType) => ({ type: "image", data: toBase64(data), mimeType: String(mimeType) }),
+    audio: (data, mimeType) => ({ type: "audio", data: toBase64(data), mimeType: String(mimeType) }),
+    /** `{ uri, mimeType?, text }` or `{ uri, mimeType?, blob }` (blob: bytes or base64). */
+    resource: (r) => {
+      const resource = { uri: String(r.uri) };
+      if (r.mimeType !== undefined) resource.mimeType = String(r.mimeType);
+      if (r.blob !== undefined) resource.blob = toBase64(r.blob);
+      else resource.text = String(r.text ?? "");
+      return { type: "resource", resource };
+    },
+  },
+));
+
 function makeCtx(inv, f) {
   return Object.freeze({
     runId: f.runId,
@@ -457,6 +493,7 @@ function makeCtx(inv, f) {
     tools: Object.freeze({
       call: (name, args) => hostCall(inv, "tools.call", { name: String(name), args: args ?? {} }),
     }),
+    content: CONTENT,
   });
 }
 

@@ -111,27 +111,44 @@ pub async fn run(store: Store, sandbox: Arc<dyn Sandbox>, config: WorkerConfig, 
 #[derive(Debug)]
 struct Handler {
     engine: RunEngine,
+    /// Cancelled when shutdown begins: jobs claimed from then on go straight back to the queue.
+    draining: CancellationToken,
     /// Cancelled when the drain deadline passes: in-flight attempts stop and are handed back.
     abandon: CancellationToken,
     heartbeat_timeout: Duration,
+    /// Handlers running now (watched by the drain).
+    running: watch::Sender<usize>,
 }
 
 async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let name = engine.worker_id().to_owned();
     let store = engine.store().clone();
-    let abandon = CancellationToken::new();
-    let handler = Arc::new(Handler { engine, abandon: abandon.clone(), heartbeat_timeout: config.heartbeat_timeout() });
+    let handler = Arc::new(Handler {
+        engine,
+        draining: CancellationToken::new(),
+        abandon: CancellationToken::new(),
+        heartbeat_timeout: config.heartbeat_timeout(),
+        running: watch::Sender::new(0),
+    });
     let context = WorkerContext::new(&name);
     let strategy = Wakeups::new(store.queue_watch(), config.poll_interval);
+    // The apalis worker keeps running (and driving its own database work, which on SQLite shares
+    // Kiln's one writer connection) until the running handlers are done: stopping it earlier
+    // would leave its in-flight statements unpolled, holding the writer.
     let stop = {
-        let (context, shutdown, drain) = (context.clone(), shutdown.clone(), config.drain_timeout);
+        let (context, shutdown, drain, handler) =
+            (context.clone(), shutdown.clone(), config.drain_timeout, handler.clone());
         async move {
             shutdown.cancelled().await;
             tracing::info!(worker = %context.name(), ?drain, "draining: no new runs, waiting for running ones");
+            handler.draining.cancel();
+            let mut running = handler.running.subscribe();
+            if tokio::time::timeout(drain, running.wait_for(|n| *n == 0)).await.is_err() {
+                tracing::warn!(worker = %context.name(), "drain deadline passed: handing back running runs");
+                handler.abandon.cancel();
+                let _ = running.wait_for(|n| *n == 0).await;
+            }
             let _ = context.stop();
-            tokio::time::sleep(drain).await;
-            tracing::warn!(worker = %context.name(), "drain deadline passed: handing back running runs");
-            abandon.cancel();
             std::future::pending::<()>().await;
         }
     };
@@ -192,6 +209,18 @@ async fn handle(job: RunJob, handler: Data<Arc<Handler>>) -> Result<(), BoxDynEr
 
 impl Handler {
     async fn process(&self, job: RunJob) {
+        self.running.send_modify(|n| *n += 1);
+        if self.draining.is_cancelled() {
+            // Claimed after shutdown began: give it straight back (due in a second, so this
+            // worker does not claim it again at once while it drains).
+            self.requeue(job, Duration::from_secs(1)).await;
+        } else {
+            self.execute(job).await;
+        }
+        self.running.send_modify(|n| *n -= 1);
+    }
+
+    async fn execute(&self, job: RunJob) {
         let run_id = job.run_id;
         loop {
             let outcome = match self.engine.execute(run_id, self.abandon.clone()).await {

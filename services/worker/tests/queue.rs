@@ -42,6 +42,8 @@ fn config() -> WorkerConfig {
 
 /// Workers in the background until the returned token is cancelled.
 fn start_workers(store: &Store, config: WorkerConfig) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    // RUST_LOG=kiln_worker=debug shows the workers' decisions when a test fails.
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
     let shutdown = CancellationToken::new();
     let sandbox = Arc::new(common::sandbox());
     let handle = tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox, config, shutdown.clone()));
@@ -201,7 +203,7 @@ async fn drain_finishes_short_runs_and_hands_back_long_ones(db: TestDb) {
     let api = client(&db.store);
     let held = api.request(request("slow", json!({"hold": true}))).await.unwrap().run_id;
     let short = api.request(request("slow", json!({"hold": false}))).await.unwrap().run_id;
-    let drain = WorkerConfig { drain_timeout: Duration::from_millis(1500), ..config() };
+    let drain = WorkerConfig { drain_timeout: Duration::from_secs(5), ..config() };
     let (shutdown, workers) = start_workers(&db.store, drain);
     common::eventually("the held run reached the gate", || effects.count("/gate") == 1).await;
     shutdown.cancel();

@@ -155,7 +155,8 @@ impl RunEngine {
         invocation.host = Some(host.clone());
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         invocation.events = Some(events_tx);
-        let logs = tokio::spawn(collect_logs(self.store.clone(), run_id, attempt, events_rx));
+        let invoked = CancellationToken::new();
+        let logs = tokio::spawn(collect_logs(self.store.clone(), run_id, attempt, events_rx, invoked.clone()));
         let cancel = invocation.cancel.clone();
         let cancelled_here = CancellationToken::new();
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).insert(run_id, cancelled_here.clone());
@@ -171,6 +172,7 @@ impl RunEngine {
             }
         });
         let result = self.sandbox.invoke(invocation).await;
+        invoked.cancel();
         watcher.abort();
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&run_id);
         let logs = logs.await.unwrap_or(None);
@@ -389,9 +391,18 @@ async fn collect_logs(
     run_id: RunId,
     attempt: u32,
     mut events: tokio::sync::mpsc::UnboundedReceiver<SandboxEvent>,
+    invoked: CancellationToken,
 ) -> Option<RunLogs> {
     let mut logs = RunLogs { attempt, entries: vec![], truncated: false };
-    while let Some(event) = events.recv().await {
+    loop {
+        // Once the invocation has returned, take what it sent and stop: the sandbox may hold
+        // the sender a while longer (a process being stopped after a cancel).
+        let event = tokio::select! {
+            biased;
+            event = events.recv() => event,
+            _ = invoked.cancelled() => events.try_recv().ok(),
+        };
+        let Some(event) = event else { break };
         let live = match &event {
             SandboxEvent::Log { level, message } => {
                 let level = serde_json::to_value(level).ok().and_then(|v| v.as_str().map(str::to_owned));

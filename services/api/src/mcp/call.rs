@@ -1,0 +1,156 @@
+//! Calling a runtime tool: request a durable run (arguments checked against the inputSchema),
+//! wait for it within the budget while forwarding its progress and logs as MCP notifications,
+//! and turn the outcome into a `tools/call` result.
+
+use kiln_proto::ToolName;
+use kiln_worker::runs::{RequestError, RunRequest};
+use rmcp::RoleServer;
+use rmcp::model::{CallToolResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam};
+use rmcp::service::RequestContext;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{KilnMcp, result};
+use crate::auth::Principal;
+use crate::runs::{self, Update};
+
+/// One call of a runtime tool.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub tool: String,
+    pub arguments: Value,
+    pub version: Option<u32>,
+    pub idempotency_key: Option<String>,
+}
+
+impl KilnMcp {
+    /// Runs a tool for `principal` and answers as `tools/call` does. Every failure the caller can
+    /// fix is a tool error (`isError: true`) saying what was wrong.
+    pub(super) async fn run_tool(
+        &self,
+        call: Call,
+        principal: &Principal,
+        context: &RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let Some(engine) = &self.services.engine else {
+            return result::error("unavailable", "this server has no sandbox to run tools", Value::Null);
+        };
+        let tool = match ToolName::parse(call.tool.as_str()) {
+            Ok(t) => t,
+            Err(e) => return result::error("invalid_name", &e.to_string(), Value::Null),
+        };
+        if !call.arguments.is_object() {
+            return result::error("invalid_arguments", "arguments must be a JSON object", Value::Null);
+        }
+        let request = RunRequest {
+            tool: tool.clone(),
+            version: call.version,
+            arguments: call.arguments,
+            idempotency_key: call.idempotency_key,
+            parent_run: None,
+            replay_of: None,
+            reuse_steps: false,
+            actor: principal.actor.clone(),
+            traceparent: None,
+        };
+        let requested = match engine.request(request).await {
+            Ok(r) => r,
+            Err(e) => return request_error(&e),
+        };
+        let updates = self.forward_updates(context);
+        let view = match runs::wait(engine, requested.run_id, self.services.call_budget, updates, context.ct.clone())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return result::error("internal", &format!("cannot read run {}: {e}", requested.run_id), Value::Null);
+            }
+        };
+        // The output schema of the version that ran: from the live catalog when that is the
+        // current version (the usual case), else from the tool's stream.
+        let live = self.services.live.get(tool.as_str()).filter(|t| t.version == requested.tool_version);
+        let schema =
+            match live.and_then(|t| t.definition) {
+                Some(d) => d.output_schema.clone(),
+                None => self.services.catalog.state(&tool).await.ok().flatten().and_then(|s| {
+                    s.versions.get(&requested.tool_version).and_then(|v| v.definition.output_schema.clone())
+                }),
+            };
+        result::from_run(&view, schema.as_ref())
+    }
+
+    /// A channel whose updates become progress (if the client sent a progress token) and
+    /// logging notifications of this request.
+    fn forward_updates(&self, context: &RequestContext<RoleServer>) -> Option<mpsc::Sender<Update>> {
+        let (tx, mut rx) = mpsc::channel::<Update>(64);
+        let peer = context.peer.clone();
+        let token = context.meta.get_progress_token();
+        let min_level = *self.log_level.lock().unwrap_or_else(|e| e.into_inner());
+        tokio::spawn(async move {
+            while let Some(update) = rx.recv().await {
+                match update {
+                    Update::Progress { done, total, message } => {
+                        if let Some(token) = &token {
+                            let mut p = ProgressNotificationParam::new(token.clone(), done);
+                            p.total = total;
+                            p.message = message;
+                            let _ = peer.notify_progress(p).await;
+                        }
+                    }
+                    Update::Log { level, message } => {
+                        let level = log_level(&level);
+                        if rank(level) >= rank(min_level) {
+                            #[allow(deprecated)]
+                            let _ = peer
+                                .notify_logging_message(
+                                    LoggingMessageNotificationParam::new(level, json!(message)).with_logger("tool"),
+                                )
+                                .await;
+                        }
+                    }
+                }
+            }
+        });
+        Some(tx)
+    }
+}
+
+fn rank(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        _ => 5,
+    }
+}
+
+fn log_level(level: &str) -> LoggingLevel {
+    match level {
+        "debug" => LoggingLevel::Debug,
+        "warn" | "warning" => LoggingLevel::Warning,
+        "error" => LoggingLevel::Error,
+        _ => LoggingLevel::Info,
+    }
+}
+
+/// A refused run request as a tool error.
+pub(super) fn request_error(e: &RequestError) -> CallToolResult {
+    match e {
+        RequestError::InvalidArguments(invalid) => result::error(
+            "invalid_arguments",
+            &invalid.to_string(),
+            json!({"tool": invalid.tool, "violations": invalid.violations}),
+        ),
+        RequestError::UnknownTool(_) => result::error("not_found", &e.to_string(), Value::Null),
+        RequestError::Disabled(_) => result::error("disabled", &e.to_string(), Value::Null),
+        RequestError::Deleted(_) => result::error("deleted", &e.to_string(), Value::Null),
+        RequestError::UnknownVersion { .. } => result::error("unknown_version", &e.to_string(), Value::Null),
+        RequestError::KeyReused { .. } => result::error("idempotency_key_reused", &e.to_string(), Value::Null),
+        other => {
+            tracing::error!(error = %other, "run request failed");
+            result::error("internal", &format!("cannot start the run: {other}"), Value::Null)
+        }
+    }
+}
