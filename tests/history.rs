@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Output;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::{PgDb, Server, http_get, kiln, project_deno, stderr, stdout};
 use kiln_proto::events::{RunRequested, RunSucceeded, ToolCreated, ToolDisabled, ToolVersionPublished};
@@ -191,43 +190,12 @@ async fn a_failed_run_shows_every_attempt_and_a_fixed_version_replays_to_success
     assert!(stderr(&out).contains("unknown run status \"finished\""), "{}", stderr(&out));
 }
 
-/// A loopback HTTP server counting requests per path.
-async fn counter() -> (u16, Arc<Mutex<HashMap<String, u32>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let counts = Arc::new(Mutex::new(HashMap::new()));
-    let c = counts.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = conn.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-                let count = {
-                    let mut m = c.lock().unwrap();
-                    let e = m.entry(path).or_insert(0);
-                    *e += 1;
-                    *e
-                };
-                let body = format!("{{\"count\":{count}}}");
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    (port, counts)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_with_reuse_steps_does_not_repeat_recorded_side_effects() {
     let f = fixture().await;
-    let (port, counts) = counter().await;
-    let charges = || counts.lock().unwrap().get("/charge").copied().unwrap_or(0);
+    let effects = kiln_worker::testing::SideEffects::start().await;
+    let port = effects.port;
+    let charges = || effects.count("/charge");
     let tool = |version: u32| {
         let after = if version == 1 { r#"throw new Error("bug after charging")"# } else { "return { charged }" };
         json!({

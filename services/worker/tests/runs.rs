@@ -6,20 +6,16 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use kiln_proto::events::{
-    RetryDecision, RunAttemptStarted, RunCancelled, ToolCreated, ToolDisabled, ToolVersionPublished,
-};
+use kiln_proto::events::{RetryDecision, RunAttemptStarted, RunCancelled, ToolDisabled};
 use kiln_proto::run::RunStatus;
-use kiln_proto::{
-    Actor, DomainEvent, EventMetadata, NewEvent, RunId, StreamId, StreamVersion, ToolDefinition, ToolName,
-};
+use kiln_proto::{Actor, DomainEvent, EventMetadata, NewEvent, RunId, StreamId, StreamVersion, ToolName};
 use kiln_store::testing::TestDb;
-use kiln_store::{EventStore, ExpectedVersion, Store};
+use kiln_store::{EventStore, ExpectedVersion};
 use kiln_worker::runs::{AttemptOutcome, Cancelled, RequestError, RunEngine, RunRequest};
-use serde_json::{Value, json};
+use kiln_worker::testing::{SideEffects, create_tool, events, request, types};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -46,33 +42,6 @@ fn engine(db: &TestDb) -> RunEngine {
     RunEngine::new(db.store.clone(), Arc::new(common::sandbox()), "test-worker")
 }
 
-async fn create_tool(store: &Store, definition: Value) -> ToolDefinition {
-    let d = ToolDefinition::parse(&definition).unwrap().definition;
-    let meta = EventMetadata::new(Actor::local());
-    let events = [
-        DomainEvent::from(ToolCreated { name: d.name.clone() }),
-        ToolVersionPublished { name: d.name.clone(), version: 1, code_sha256: d.code_sha256(), definition: d.clone() }
-            .into(),
-    ];
-    let events = events.iter().map(|e| NewEvent::from_domain(e, meta.clone())).collect();
-    store.append(&StreamId::tool(&d.name), ExpectedVersion::NoStream, events).await.unwrap();
-    d
-}
-
-fn request(tool: &str, arguments: Value) -> RunRequest {
-    RunRequest {
-        tool: ToolName::parse(tool).unwrap(),
-        version: None,
-        arguments,
-        idempotency_key: None,
-        parent_run: None,
-        replay_of: None,
-        reuse_steps: false,
-        actor: Actor::parse("key:tester").unwrap(),
-        traceparent: None,
-    }
-}
-
 /// Executes until the run ends, waiting out scheduled retries as a queue would.
 async fn run_to_end(engine: &RunEngine, run: RunId) -> RunStatus {
     for _ in 0..20 {
@@ -86,15 +55,6 @@ async fn run_to_end(engine: &RunEngine, run: RunId) -> RunStatus {
         }
     }
     panic!("run {run} did not end in 20 attempts");
-}
-
-async fn events(store: &Store, run: RunId) -> Vec<DomainEvent> {
-    let recorded = store.read_stream(&StreamId::run(run), StreamVersion(0), 1000).await.unwrap();
-    recorded.iter().map(|e| e.decode().unwrap()).collect()
-}
-
-fn types(events: &[DomainEvent]) -> Vec<&'static str> {
-    events.iter().map(|e| e.event_type()).collect()
 }
 
 async fn a_run_records_its_request_attempt_and_output(db: TestDb) {
@@ -248,40 +208,9 @@ async fn non_retryable_errors_stop_at_once(db: TestDb) {
     }
 }
 
-/// A loopback HTTP server counting requests per path: the side effects of steps.
-async fn counter() -> (u16, Arc<Mutex<HashMap<String, u32>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let counts = Arc::new(Mutex::new(HashMap::new()));
-    let c = counts.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = conn.read(&mut buf).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
-                let count = {
-                    let mut m = c.lock().unwrap();
-                    let e = m.entry(path).or_insert(0);
-                    *e += 1;
-                    *e
-                };
-                let body = format!("{{\"count\":{count}}}");
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    (port, counts)
-}
-
 async fn completed_steps_do_not_run_again_on_retry(db: TestDb) {
-    let (port, counts) = counter().await;
+    let effects = SideEffects::start().await;
+    let port = effects.port;
     let code = format!(
         r#"
         export default async function (args, ctx) {{
@@ -306,8 +235,7 @@ async fn completed_steps_do_not_run_again_on_retry(db: TestDb) {
     let evs = events(&db.store, run).await;
     let DomainEvent::RunSucceeded(s) = evs.last().unwrap() else { panic!("{:?}", types(&evs)) };
     assert_eq!(s.output, json!({"a": 1, "b": 1, "attempt": 2}));
-    let counts = counts.lock().unwrap().clone();
-    assert_eq!((counts["/a"], counts["/b"]), (1, 1), "each step's side effect happened exactly once");
+    assert_eq!((effects.count("/a"), effects.count("/b")), (1, 1), "each step's side effect happened exactly once");
     assert_eq!(types(&evs).iter().filter(|t| **t == "run.step_completed").count(), 2);
 }
 
