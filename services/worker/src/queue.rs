@@ -152,40 +152,27 @@ async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: Cancellatio
             std::future::pending::<()>().await;
         }
     };
+    // The same worker on either backend: only the storage and its config type differ.
+    macro_rules! run_worker {
+        ($storage:ty, $config:ty, $pool:expr) => {{
+            let settings = <$config>::default()
+                .queue(QUEUE)
+                .heartbeat_interval(config.heartbeat_interval)
+                .missed_heartbeats(config.missed_heartbeats)
+                .batch_size(config.concurrency.max(1));
+            let backend = <$storage>::new($pool).with_config(settings).poll_with_strategy(strategy);
+            let worker = WorkerBuilder::new(context.clone())
+                .backend(backend)
+                .concurrency(config.concurrency.max(1))
+                .data(handler)
+                .build(handle);
+            run_until_stopped(worker.run(), stop).await
+        }};
+    }
     let result = match store.queue_pool() {
-        QueuePool::Sqlite(pool) => {
-            let backend = apalis_sqlite::SqliteStorage::<RunJob>::new(&pool)
-                .with_config(
-                    apalis_sqlite::Config::default()
-                        .queue(QUEUE)
-                        .heartbeat_interval(config.heartbeat_interval)
-                        .missed_heartbeats(config.missed_heartbeats)
-                        .batch_size(config.concurrency.max(1)),
-                )
-                .poll_with_strategy(strategy);
-            let worker = WorkerBuilder::new(context.clone())
-                .backend(backend)
-                .concurrency(config.concurrency.max(1))
-                .data(handler)
-                .build(handle);
-            run_until_stopped(worker.run(), stop).await
-        }
+        QueuePool::Sqlite(pool) => run_worker!(apalis_sqlite::SqliteStorage<RunJob>, apalis_sqlite::Config, &pool),
         QueuePool::Postgres(pool) => {
-            let backend = apalis_postgres::PostgresStorage::<RunJob>::new(&pool)
-                .with_config(
-                    apalis_postgres::Config::default()
-                        .queue(QUEUE)
-                        .heartbeat_interval(config.heartbeat_interval)
-                        .missed_heartbeats(config.missed_heartbeats)
-                        .batch_size(config.concurrency.max(1)),
-                )
-                .poll_with_strategy(strategy);
-            let worker = WorkerBuilder::new(context.clone())
-                .backend(backend)
-                .concurrency(config.concurrency.max(1))
-                .data(handler)
-                .build(handle);
-            run_until_stopped(worker.run(), stop).await
+            run_worker!(apalis_postgres::PostgresStorage<RunJob>, apalis_postgres::Config, &pool)
         }
     };
     result.map_err(|e| WorkerError { name, message: e.to_string() })
