@@ -52,6 +52,14 @@ pub struct RunsBench {
     /// With --queue on PostgreSQL: `kiln worker` processes to start.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// With --queue on SQLite: every run goes through a queue claim, as runs requested by
+    /// another process do (default: runs are handed to the in-process worker, as `kiln serve`
+    /// does while the worker has a slot free).
+    #[arg(long)]
+    no_handoff: bool,
+    /// With --queue on SQLite: the in-process worker's slots.
+    #[arg(long, default_value_t = 8)]
+    worker_concurrency: usize,
     #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
 }

@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_proto::{DomainEvent, RunId};
-use kiln_store::Store;
 use kiln_store::testing::TestDb;
+use kiln_store::{EventStore, Store};
 use kiln_worker::runs::{RunEngine, RunView};
 use kiln_worker::testing::{SideEffects, client, create_tool, events, request, terminal_count, types};
 use serde_json::json;
@@ -156,6 +156,40 @@ async fn kiln_serve_on_sqlite_killed_and_restarted_finishes_the_run() {
     .await;
     drop(server); // SIGKILL
     let _restarted = serve(dir.path());
+    let view = wait_end(&api, run, Duration::from_secs(60)).await;
+    assert_finished_by_another_worker(&store, &effects, run, &view).await;
+    store.close().await;
+}
+
+/// The run is requested through the server's own MCP endpoint, so the server hands it straight to
+/// its in-process worker (its job row committed already claimed, no queue claim): killed
+/// mid-run, the claim must still be recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_serve_killed_during_a_run_it_took_over_mcp_finishes_it_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/kiln.db", dir.path().display());
+    let store = Store::open_and_migrate(&kiln_store::StoreOptions::new(&url)).await.unwrap();
+    let effects = SideEffects::start().await;
+    create_tool(&store, effects.three_step_tool("three")).await;
+    let serve = |dir: &Path| common::Server::start(dir, &["serve", "--database-url", &url, "--listen", "127.0.0.1:0"]);
+    let server = serve(dir.path());
+    let addr = server.addr.clone();
+    let call = tokio::spawn(async move { common::mcp_call(&addr, "three", json!({})).await });
+    eventually("steps 1 and 2 ran and the tool waits at the gate", Duration::from_secs(30), || {
+        effects.count("/gate") == 1
+    })
+    .await;
+    let log = store.read_all(kiln_proto::Position(0), 1_000).await.unwrap();
+    let requested: Vec<_> = log.iter().filter(|e| e.event_type == "run.requested").collect();
+    assert_eq!(requested.len(), 1);
+    let run: RunId = requested[0].stream_id.as_str().strip_prefix("run-").unwrap().parse().unwrap();
+    let workers = attempt_workers(&store, run).await;
+    let (status, claimed_by) = store.job_of(run).await.unwrap().expect("a job row");
+    assert_eq!((status.as_str(), claimed_by.as_ref()), ("Running", Some(&workers[0])), "handed to serve's worker");
+    drop(server); // SIGKILL
+    call.abort();
+    let _restarted = serve(dir.path());
+    let api = client(&store);
     let view = wait_end(&api, run, Duration::from_secs(60)).await;
     assert_finished_by_another_worker(&store, &effects, run, &view).await;
     store.close().await;

@@ -13,6 +13,7 @@ use clap::Args;
 use kiln_api::{AppState, LimitSettings};
 use kiln_store::Store;
 use kiln_worker::DenoSandbox;
+use kiln_worker::queue::LocalWorker;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -45,17 +46,20 @@ pub async fn run(config: &Config, b: &McpBench) -> anyhow::Result<()> {
     let sandbox = Arc::new(DenoSandbox::start(config.sandbox_config()?)?);
     let shutdown = CancellationToken::new();
     let workers = b.clients.max(1) * 2;
-    let worker = tokio::spawn(kiln_worker::queue::run(
+    let local = LocalWorker::default();
+    let worker = tokio::spawn(kiln_worker::queue::run_with_local(
         store.clone(),
         sandbox.clone(),
         config.worker_config(workers),
+        local.clone(),
         shutdown.clone(),
     ));
     let mut api = config.api_config();
     api.listen = "127.0.0.1:0".parse()?;
     // The bench is one actor making thousands of calls: per-actor limits would measure themselves.
     api.limits = LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 0 };
-    let state = AppState { store: store.clone(), projections: None, sandbox: Some(sandbox.clone()) };
+    let state =
+        AppState { store: store.clone(), projections: None, sandbox: Some(sandbox.clone()), local_worker: Some(local) };
     let app = kiln_api::build(&api, state).await?;
     let addr = app.local_addr().to_string();
     let server = tokio::spawn(app.run(shutdown.clone()));

@@ -12,6 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use kiln_proto::{Actor, ToolName};
 use kiln_store::{Backend, Store};
 use kiln_worker::DenoSandbox;
+use kiln_worker::queue::LocalWorker;
 use kiln_worker::runs::{RunEngine, RunRequest, RunUpdate};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +33,19 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut processes = Vec::new();
+    let mut api = RunEngine::new(store.clone(), sandbox.clone(), "bench-api");
     let workers = match store.backend() {
         Backend::Sqlite => {
             anyhow::ensure!(b.workers == 1, "SQLite runs one worker, in this process (--workers 1)");
-            let worker = config.worker_config(WORKER_CONCURRENCY);
-            tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox.clone(), worker, shutdown.clone()));
-            "1 in-process worker".to_owned()
+            let worker = config.worker_config(b.worker_concurrency);
+            let local = LocalWorker::default();
+            if !b.no_handoff {
+                api = api.with_local_worker(local.clone());
+            }
+            let (store, sandbox, shutdown) = (store.clone(), sandbox.clone(), shutdown.clone());
+            tokio::spawn(kiln_worker::queue::run_with_local(store, sandbox, worker, local, shutdown));
+            let how = if b.no_handoff { "every run claimed from the queue" } else { "runs handed over in-process" };
+            format!("1 in-process worker, {} slots, {how}", b.worker_concurrency)
         }
         Backend::Postgres => {
             for _ in 0..b.workers {
@@ -46,7 +54,6 @@ pub(super) async fn run(
             format!("{} `kiln worker` processes", b.workers)
         }
     };
-    let api = RunEngine::new(store.clone(), sandbox.clone(), "bench-api");
     let one = |i: usize| {
         let (api, tool) = (api.clone(), tool.clone());
         async move {

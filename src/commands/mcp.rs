@@ -9,6 +9,7 @@ use kiln_api::AppState;
 use kiln_store::projection::{ProjectionRunner, RunnerOptions};
 use kiln_store::projections;
 use kiln_worker::DenoSandbox;
+use kiln_worker::queue::LocalWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::open_store;
@@ -27,11 +28,18 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let projections = tokio::spawn(runner.clone().run(shutdown.clone()));
     // Runs are executed by a queue worker in this process, as in `kiln serve`.
+    let local = LocalWorker::default();
     let worker = (config.worker.concurrency > 0).then(|| {
         let worker = config.worker_config(config.worker.concurrency);
-        tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox.clone(), worker, shutdown.clone()))
+        let (store, sandbox, local, shutdown) = (store.clone(), sandbox.clone(), local.clone(), shutdown.clone());
+        tokio::spawn(kiln_worker::queue::run_with_local(store, sandbox, worker, local, shutdown))
     });
-    let state = AppState { store: store.clone(), projections: Some(runner), sandbox: Some(sandbox.clone()) };
+    let state = AppState {
+        store: store.clone(),
+        projections: Some(runner),
+        sandbox: Some(sandbox.clone()),
+        local_worker: worker.is_some().then_some(local),
+    };
     tracing::info!("kiln MCP on stdio");
     let served = kiln_api::serve_stdio(state, &config.api_config().mcp, shutdown.clone()).await;
     shutdown.cancel();

@@ -8,6 +8,7 @@ use kiln_api::AppState;
 use kiln_store::projection::{ProjectionRunner, RunnerOptions};
 use kiln_store::projections;
 use kiln_worker::DenoSandbox;
+use kiln_worker::queue::LocalWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::open_store;
@@ -35,7 +36,14 @@ pub async fn run(config: &Config, role: Role) -> anyhow::Result<ExitCode> {
     runner.prepare().await?;
 
     let shutdown = CancellationToken::new();
-    let state = AppState { store: store.clone(), projections: Some(runner.clone()), sandbox: Some(sandbox.clone()) };
+    let worker_here = role == Role::All && config.worker.concurrency > 0;
+    let local = LocalWorker::default();
+    let state = AppState {
+        store: store.clone(),
+        projections: Some(runner.clone()),
+        sandbox: Some(sandbox.clone()),
+        local_worker: worker_here.then(|| local.clone()),
+    };
     let app = kiln_api::build(&config.api_config(), state).await?;
     let addr = app.local_addr();
     let deno = &sandbox.config().deno;
@@ -43,9 +51,10 @@ pub async fn run(config: &Config, role: Role) -> anyhow::Result<ExitCode> {
     println!("kiln listening on http://{addr}");
 
     let projections = tokio::spawn(runner.run(shutdown.clone()));
-    let worker = (role == Role::All && config.worker.concurrency > 0).then(|| {
+    let worker = worker_here.then(|| {
         let worker = config.worker_config(config.worker.concurrency);
-        tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox.clone(), worker, shutdown.clone()))
+        let (store, sandbox, shutdown) = (store.clone(), sandbox.clone(), shutdown.clone());
+        tokio::spawn(kiln_worker::queue::run_with_local(store, sandbox, worker, local, shutdown))
     });
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let served = app.run(shutdown.clone()).await;

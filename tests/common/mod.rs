@@ -111,3 +111,39 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 #[allow(unused_imports)]
 pub use kiln_store::testing::PgDatabase as PgDb;
+
+/// One MCP request over Streamable HTTP on its own connection: (response headers, body).
+async fn mcp_post(addr: &str, session: Option<&str>, body: &serde_json::Value) -> (String, String) {
+    let body = body.to_string();
+    let session = session.map(|s| format!("Mcp-Session-Id: {s}\r\nMcp-Protocol-Version: 2025-11-25\r\n"));
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        session.unwrap_or_default(),
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (headers.to_owned(), body.to_owned())
+}
+
+/// Calls `tool` over MCP as a client does (initialize, initialized, `tools/call`); returns the
+/// raw body of the call's response (which may never come if the server dies first).
+pub async fn mcp_call(addr: &str, tool: &str, arguments: serde_json::Value) -> String {
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "kiln-test", "version": "1"}}});
+    let (headers, _) = mcp_post(addr, None, &init).await;
+    let session = headers
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("mcp-session-id")).map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("no session id in {headers}"))
+        .trim()
+        .to_owned();
+    mcp_post(addr, Some(&session), &serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments}});
+    mcp_post(addr, Some(&session), &call).await.1
+}

@@ -25,6 +25,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use kiln_store::Store;
 use kiln_store::projection::ProjectionRunner;
+use kiln_worker::queue::LocalWorker;
 use kiln_worker::runs::RunEngine;
 use kiln_worker::{DenoSandbox, Sandbox};
 use rmcp::ServiceExt;
@@ -90,6 +91,9 @@ pub struct AppState {
     pub projections: Option<ProjectionRunner>,
     /// The tool sandbox of this process.
     pub sandbox: Option<Arc<DenoSandbox>>,
+    /// This process's queue worker, if it has one: runs requested here are handed to it directly
+    /// while it has a slot free.
+    pub local_worker: Option<LocalWorker>,
 }
 
 /// A bound, ready-to-run API server.
@@ -120,7 +124,13 @@ pub enum ApiError {
 async fn services(state: &AppState, mcp: &McpSettings, shutdown: CancellationToken) -> Result<Arc<Services>, ApiError> {
     let sandbox: Option<Arc<dyn Sandbox>> = state.sandbox.clone().map(|s| s as Arc<dyn Sandbox>);
     let policy = state.sandbox.as_ref().map(|s| s.config().policy.clone()).unwrap_or_default();
-    let engine = sandbox.clone().map(|s| RunEngine::new(state.store.clone(), s, format!("api-{}", std::process::id())));
+    let engine = sandbox.clone().map(|s| {
+        let engine = RunEngine::new(state.store.clone(), s, format!("api-{}", std::process::id()));
+        match state.local_worker.clone() {
+            Some(local) => engine.with_local_worker(local),
+            None => engine,
+        }
+    });
     let live = LiveCatalog::start(state.store.clone(), shutdown).await.map_err(ApiError::Catalog)?;
     Ok(Arc::new(Services {
         store: state.store.clone(),

@@ -24,6 +24,10 @@ pub const QUEUE: &str = "kiln-runs";
 pub enum QueueOp {
     /// Enqueue the run (replacing any job row it has), to be claimed at or after `not_before`.
     Push { job: RunJob, not_before: Option<DateTime<Utc>> },
+    /// Enqueue the run already claimed by the live worker named `worker`, which executes it
+    /// at once (a run handed straight to this process's worker). If that worker dies, apalis
+    /// re-enqueues the row like any job of a worker that stopped heartbeating.
+    PushClaimed { job: RunJob, worker: String },
     /// Remove the run's job row, if it has one (its end was recorded, or it was cancelled).
     Remove(RunId),
 }
@@ -66,7 +70,7 @@ fn task(job: &RunJob, not_before: Option<DateTime<Utc>>) -> Result<apalis_core::
 pub(crate) async fn apply_sqlite(conn: &mut SqliteConnection, ops: &[QueueOp]) -> Result<()> {
     for op in ops {
         let run_id = match op {
-            QueueOp::Push { job, .. } => job.run_id,
+            QueueOp::Push { job, .. } | QueueOp::PushClaimed { job, .. } => job.run_id,
             QueueOp::Remove(run_id) => *run_id,
         };
         sqlx::query("DELETE FROM Jobs WHERE job_type = ?1 AND idempotency_key = ?2")
@@ -74,10 +78,22 @@ pub(crate) async fn apply_sqlite(conn: &mut SqliteConnection, ops: &[QueueOp]) -
             .bind(run_id.to_string())
             .execute(&mut *conn)
             .await?;
-        if let QueueOp::Push { job, not_before } = op {
-            apalis_sqlite::queries::push_tasks(&mut *conn, QUEUE, &[task(job, *not_before)?])
-                .await
-                .map_err(|e| StoreError::Queue(format!("cannot enqueue run {}: {e}", job.run_id)))?;
+        let (job, not_before) = match op {
+            QueueOp::Push { job, not_before } => (job, *not_before),
+            QueueOp::PushClaimed { job, .. } => (job, None),
+            QueueOp::Remove(_) => continue,
+        };
+        apalis_sqlite::queries::push_tasks(&mut *conn, QUEUE, &[task(job, not_before)?])
+            .await
+            .map_err(|e| StoreError::Queue(format!("cannot enqueue run {}: {e}", job.run_id)))?;
+        if let QueueOp::PushClaimed { job, worker } = op {
+            sqlx::query(
+                "UPDATE Jobs SET status = 'Running', lock_by = ?1, lock_at = strftime('%s', 'now') WHERE id = ?2",
+            )
+            .bind(worker)
+            .bind(job_id(job.run_id, job.attempt).to_string())
+            .execute(&mut *conn)
+            .await?;
         }
     }
     Ok(())
@@ -86,7 +102,7 @@ pub(crate) async fn apply_sqlite(conn: &mut SqliteConnection, ops: &[QueueOp]) -
 pub(crate) async fn apply_postgres(conn: &mut PgConnection, ops: &[QueueOp]) -> Result<()> {
     for op in ops {
         let run_id = match op {
-            QueueOp::Push { job, .. } => job.run_id,
+            QueueOp::Push { job, .. } | QueueOp::PushClaimed { job, .. } => job.run_id,
             QueueOp::Remove(run_id) => *run_id,
         };
         sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1 AND idempotency_key = $2")
@@ -94,10 +110,20 @@ pub(crate) async fn apply_postgres(conn: &mut PgConnection, ops: &[QueueOp]) -> 
             .bind(run_id.to_string())
             .execute(&mut *conn)
             .await?;
-        if let QueueOp::Push { job, not_before } = op {
-            apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, vec![task(job, *not_before)?])
-                .await
-                .map_err(|e| StoreError::Queue(format!("cannot enqueue run {}: {e}", job.run_id)))?;
+        let (job, not_before) = match op {
+            QueueOp::Push { job, not_before } => (job, *not_before),
+            QueueOp::PushClaimed { job, .. } => (job, None),
+            QueueOp::Remove(_) => continue,
+        };
+        apalis_postgres::queries::push_tasks(&mut *conn, QUEUE, vec![task(job, not_before)?])
+            .await
+            .map_err(|e| StoreError::Queue(format!("cannot enqueue run {}: {e}", job.run_id)))?;
+        if let QueueOp::PushClaimed { job, worker } = op {
+            sqlx::query("UPDATE apalis.jobs SET status = 'Running', lock_by = $1, lock_at = NOW() WHERE id = $2")
+                .bind(worker)
+                .bind(job_id(job.run_id, job.attempt).to_string())
+                .execute(&mut *conn)
+                .await?;
         }
     }
     Ok(())
@@ -240,6 +266,28 @@ impl Store {
             }
         };
         Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
+    }
+
+    /// The run's job row, if it has one: its status (`Pending`, `Queued`, `Running`, `Done`...)
+    /// and the worker that claimed it.
+    pub async fn job_of(&self, run_id: RunId) -> Result<Option<(String, Option<String>)>> {
+        let key = run_id.to_string();
+        Ok(match self {
+            Self::Sqlite(s) => {
+                sqlx::query_as("SELECT status, lock_by FROM Jobs WHERE job_type = ?1 AND idempotency_key = ?2")
+                    .bind(QUEUE)
+                    .bind(key)
+                    .fetch_optional(s.writer())
+                    .await?
+            }
+            Self::Postgres(s) => {
+                sqlx::query_as("SELECT status, lock_by FROM apalis.jobs WHERE job_type = $1 AND idempotency_key = $2")
+                    .bind(QUEUE)
+                    .bind(key)
+                    .fetch_optional(s.pool())
+                    .await?
+            }
+        })
     }
 
     /// Job rows in the run queue by status, for status pages and tests.

@@ -17,7 +17,7 @@ use kiln_proto::{
 use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::queue::{QueueOp, RunFeedMessage};
@@ -37,6 +37,8 @@ pub struct SqliteStore {
     /// Raised after commits that pushed a job: wakes this process's workers.
     queue_signal: Arc<watch::Sender<u64>>,
     run_feed: tokio::sync::broadcast::Sender<RunFeedMessage>,
+    /// Appends waiting for the group commit task.
+    appends: mpsc::UnboundedSender<PendingAppend>,
 }
 
 impl SqliteStore {
@@ -73,13 +75,13 @@ impl SqliteStore {
             .max_connections(options.max_connections.max(1))
             .connect_with(connect.read_only(true))
             .await?;
-        let store = Self {
-            writer,
-            reader,
-            head: Arc::new(watch::Sender::new(Position::START)),
-            queue_signal: Arc::new(watch::Sender::new(0)),
-            run_feed: tokio::sync::broadcast::Sender::new(1024),
-        };
+        let head = Arc::new(watch::Sender::new(Position::START));
+        let queue_signal = Arc::new(watch::Sender::new(0));
+        let (appends, pending) = mpsc::unbounded_channel();
+        let group = GroupCommit { writer: writer.clone(), head: head.clone(), queue_signal: queue_signal.clone() };
+        tokio::spawn(group.run(pending));
+        let store =
+            Self { writer, reader, head, queue_signal, run_feed: tokio::sync::broadcast::Sender::new(1024), appends };
         Ok(store)
     }
 
@@ -121,6 +123,11 @@ impl SqliteStore {
     }
 
     /// Appends and applies `queue` changes in the same transaction.
+    ///
+    /// Appends from concurrent callers are committed in groups: one task owns the writer, takes
+    /// every append waiting for it and commits them in one transaction (each still checked
+    /// against its own expected version). If anything fails mid-group, the group is rolled back
+    /// and each append is retried alone, so one bad append cannot take others down with it.
     pub async fn append_queued(
         &self,
         stream: &StreamId,
@@ -130,93 +137,11 @@ impl SqliteStore {
     ) -> Result<AppendResult> {
         check_append(stream, &events)?;
         let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-
-        // One round trip for what the append needs to know: is it a retry, the stream's version,
-        // the head.
-        let (stored, actual, head): (i64, Option<i64>, i64) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM kiln_events WHERE event_id = ?1),
-                    (SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?2),
-                    (SELECT COALESCE(MAX(global_position), 0) FROM kiln_events)",
-        )
-        .bind(events[0].event_id.to_string())
-        .bind(stream.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        if stored != 0
-            && let Some(done) = already_stored(&mut tx, stream, &events).await?
-        {
-            return Ok(done);
-        }
-        let actual = actual.map(|v| StreamVersion(v as u64));
-        if !expected.admits(actual) {
-            return Err(StoreError::WrongExpectedVersion { stream: stream.clone(), expected, actual });
-        }
-
-        let base_version = actual.map_or(0, |v| v.0 as i64);
-        let recorded_at = Utc::now().timestamp_micros();
-        let records = events
-            .iter()
-            .zip(&payloads)
-            .enumerate()
-            .map(|(i, (e, payload))| record(head + i as i64 + 1, stream, base_version + i as i64 + 1, e, payload))
-            .collect::<Result<Vec<_>>>()?;
-        let rows: Vec<_> = events.iter().zip(records).enumerate().collect();
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type, \
-                 occurred_at_us, recorded_at_us, actor, record) ",
-            );
-            insert.push_values(chunk, |mut row, (i, (e, record))| {
-                let i = *i as i64 + 1;
-                row.push_bind(head + i)
-                    .push_bind(e.event_id.to_string())
-                    .push_bind(stream.as_str())
-                    .push_bind(base_version + i)
-                    .push_bind(e.event_type.as_str())
-                    .push_bind(e.occurred_at.timestamp_micros())
-                    .push_bind(recorded_at)
-                    .push_bind(e.metadata.actor.as_str())
-                    .push_bind(record.as_str());
-            });
-            if let Err(e) = insert.build().execute(&mut *tx).await {
-                if StoreError::is_unique_violation(&e) {
-                    drop(tx);
-                    return Err(self.duplicate_error(&events).await?);
-                }
-                return Err(e.into());
-            }
-        }
-        crate::queue::apply_sqlite(&mut tx, queue).await?;
-        tx.commit().await?;
-        if queue.iter().any(|op| matches!(op, QueueOp::Push { .. })) {
-            self.queue_signal.send_modify(|n| *n = n.wrapping_add(1));
-        }
-
-        let n = events.len() as i64;
-        let last = Position((head + n) as u64);
-        advance_head(&self.head, last);
-        Ok(AppendResult {
-            first_position: Position((head + 1) as u64),
-            last_position: last,
-            stream_version: StreamVersion((base_version + n) as u64),
-            written: true,
-        })
-    }
-
-    /// A later event of the batch was already stored although the first was not.
-    async fn duplicate_error(&self, events: &[NewEvent]) -> Result<StoreError> {
-        for e in events {
-            let stored: Option<String> = sqlx::query_scalar("SELECT stream_id FROM kiln_events WHERE event_id = ?")
-                .bind(e.event_id.to_string())
-                .fetch_optional(&self.reader)
-                .await?;
-            if let Some(s) = stored {
-                let stored_in = StreamId::parse(s).map_err(|err| StoreError::corrupt(0, err))?;
-                return Ok(StoreError::PartialDuplicate { event_id: e.event_id, stored_in });
-            }
-        }
-        Err(StoreError::Database(sqlx::Error::Protocol("unique violation without a duplicate event".into())))
+        let (reply, answer) = oneshot::channel();
+        let append = PendingAppend { stream: stream.clone(), expected, events, payloads, queue: queue.to_vec(), reply };
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        self.appends.send(append).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 
     pub async fn read_stream(
@@ -297,6 +222,211 @@ impl SqliteStore {
     pub fn head_watch(&self) -> watch::Receiver<Position> {
         self.head.subscribe()
     }
+}
+
+/// An append waiting for the writer.
+struct PendingAppend {
+    stream: StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    /// The events' payloads, encoded (and size-checked) by the caller.
+    payloads: Vec<String>,
+    queue: Vec<QueueOp>,
+    reply: oneshot::Sender<Result<AppendResult>>,
+}
+
+/// Most appends (and events) committed in one group.
+const GROUP_APPENDS: usize = 256;
+const GROUP_EVENTS: usize = 10_000;
+
+/// The task that owns the writer for appends; see [`SqliteStore::append_queued`].
+struct GroupCommit {
+    writer: SqlitePool,
+    head: Arc<watch::Sender<Position>>,
+    queue_signal: Arc<watch::Sender<u64>>,
+}
+
+/// What one append of a group came to, before the group commits.
+enum Staged {
+    /// Written in the group's transaction; `pushed`: it enqueued a job.
+    Written { result: AppendResult, pushed: bool },
+    /// Nothing written: a retry of a stored append, or refused (wrong expected version, a
+    /// partial duplicate). Final whether or not the group commits.
+    Settled(Result<AppendResult>),
+}
+
+impl GroupCommit {
+    /// Commits appends in groups until every sender is gone.
+    async fn run(self, mut appends: mpsc::UnboundedReceiver<PendingAppend>) {
+        while let Some(first) = appends.recv().await {
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while group.len() < GROUP_APPENDS && events < GROUP_EVENTS {
+                let Ok(next) = appends.try_recv() else { break };
+                events += next.events.len();
+                group.push(next);
+            }
+            self.commit(group).await;
+        }
+    }
+
+    async fn commit(&self, group: Vec<PendingAppend>) {
+        match self.write(&group).await {
+            Ok(staged) => {
+                let mut last = None;
+                let mut pushed = false;
+                for (append, staged) in group.into_iter().zip(staged) {
+                    let result = match staged {
+                        Staged::Written { result, pushed: p } => {
+                            pushed |= p;
+                            last = last.max(Some(result.last_position));
+                            Ok(result)
+                        }
+                        Staged::Settled(result) => result,
+                    };
+                    let _ = append.reply.send(result);
+                }
+                self.committed(last, pushed);
+            }
+            Err(e) if group.len() == 1 => {
+                let _ = group.into_iter().next().map(|a| a.reply.send(Err(e)));
+            }
+            // Rolled back: each append alone, so the one that failed is the only one to fail.
+            Err(_) => {
+                for append in group {
+                    let result = match self.write(std::slice::from_ref(&append)).await {
+                        Ok(mut staged) => match staged.pop() {
+                            Some(Staged::Written { result, pushed }) => {
+                                self.committed(Some(result.last_position), pushed);
+                                Ok(result)
+                            }
+                            Some(Staged::Settled(result)) => result,
+                            None => unreachable!("one staged result per append"),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    let _ = append.reply.send(result);
+                }
+            }
+        }
+    }
+
+    /// After a commit: raises the head, wakes workers if a job was pushed.
+    fn committed(&self, last: Option<Position>, pushed: bool) {
+        if pushed {
+            self.queue_signal.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if let Some(last) = last {
+            advance_head(&self.head, last);
+        }
+    }
+
+    /// Writes the group in one transaction and commits it; Err if the transaction failed (and
+    /// was rolled back).
+    async fn write(&self, group: &[PendingAppend]) -> Result<Vec<Staged>> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut staged = Vec::with_capacity(group.len());
+        for append in group {
+            staged.push(stage(&mut tx, append).await?);
+        }
+        tx.commit().await?;
+        Ok(staged)
+    }
+}
+
+/// Writes one append inside the group's transaction. Refusals (`Staged::Settled`) are decided
+/// before anything is written, so a refused append leaves the transaction as it found it; an
+/// Err means the transaction must be rolled back (the group is then retried one by one, and
+/// alone the append gets the error).
+async fn stage(tx: &mut sqlx::Transaction<'_, Sqlite>, append: &PendingAppend) -> Result<Staged> {
+    let PendingAppend { stream, expected, events, payloads, queue, .. } = append;
+    // One round trip for what the append needs to know: is it a retry, the stream's version,
+    // the head.
+    let (stored, actual, head): (i64, Option<i64>, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM kiln_events WHERE event_id = ?1),
+                (SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = ?2),
+                (SELECT COALESCE(MAX(global_position), 0) FROM kiln_events)",
+    )
+    .bind(events[0].event_id.to_string())
+    .bind(stream.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    if stored != 0 {
+        match already_stored(tx, stream, events).await {
+            Ok(Some(done)) => return Ok(Staged::Settled(Ok(done))),
+            Ok(None) => {}
+            Err(e @ StoreError::PartialDuplicate { .. }) => return Ok(Staged::Settled(Err(e))),
+            Err(e) => return Err(e),
+        }
+    }
+    let actual = actual.map(|v| StreamVersion(v as u64));
+    if !expected.admits(actual) {
+        let refused = StoreError::WrongExpectedVersion { stream: stream.clone(), expected: *expected, actual };
+        return Ok(Staged::Settled(Err(refused)));
+    }
+
+    let base_version = actual.map_or(0, |v| v.0 as i64);
+    let recorded_at = Utc::now().timestamp_micros();
+    let records = events
+        .iter()
+        .zip(payloads)
+        .enumerate()
+        .map(|(i, (e, payload))| record(head + i as i64 + 1, stream, base_version + i as i64 + 1, e, payload))
+        .collect::<Result<Vec<_>>>()?;
+    let rows: Vec<_> = events.iter().zip(records).enumerate().collect();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type, \
+             occurred_at_us, recorded_at_us, actor, record) ",
+        );
+        insert.push_values(chunk, |mut row, (i, (e, record))| {
+            let i = *i as i64 + 1;
+            row.push_bind(head + i)
+                .push_bind(e.event_id.to_string())
+                .push_bind(stream.as_str())
+                .push_bind(base_version + i)
+                .push_bind(e.event_type.as_str())
+                .push_bind(e.occurred_at.timestamp_micros())
+                .push_bind(recorded_at)
+                .push_bind(e.metadata.actor.as_str())
+                .push_bind(record.as_str());
+        });
+        if let Err(e) = insert.build().execute(&mut **tx).await {
+            if StoreError::is_unique_violation(&e) {
+                // A later event of the batch is stored although the first is not. Earlier
+                // chunks of this append may be written: the transaction must be rolled back.
+                return Err(partial_duplicate(tx, events).await?);
+            }
+            return Err(e.into());
+        }
+    }
+    crate::queue::apply_sqlite(tx, queue).await?;
+    let n = events.len() as i64;
+    Ok(Staged::Written {
+        result: AppendResult {
+            first_position: Position((head + 1) as u64),
+            last_position: Position((head + n) as u64),
+            stream_version: StreamVersion((base_version + n) as u64),
+            written: true,
+        },
+        pushed: queue.iter().any(|op| matches!(op, QueueOp::Push { .. })),
+    })
+}
+
+/// The error for an append some of whose events are stored (read inside the transaction, which
+/// sees its group's own appends).
+async fn partial_duplicate(tx: &mut sqlx::Transaction<'_, Sqlite>, events: &[NewEvent]) -> Result<StoreError> {
+    for e in events {
+        let stored: Option<String> = sqlx::query_scalar("SELECT stream_id FROM kiln_events WHERE event_id = ?")
+            .bind(e.event_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(s) = stored {
+            let stored_in = StreamId::parse(s).map_err(|err| StoreError::corrupt(0, err))?;
+            return Ok(StoreError::PartialDuplicate { event_id: e.event_id, stored_in });
+        }
+    }
+    Err(StoreError::Database(sqlx::Error::Protocol("unique violation without a duplicate event".into())))
 }
 
 /// If the batch's first event is already stored, this is a retry: returns where it landed, or

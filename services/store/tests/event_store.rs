@@ -26,6 +26,7 @@ kiln_store::backend_tests!(
     subscription_wakes_on_append_without_polling,
     subscription_in_another_connection_wakes,
     read_all_pages_in_batches,
+    concurrent_appends_succeed_or_fail_each_on_its_own,
 );
 
 fn stream(name: &str) -> StreamId {
@@ -322,4 +323,51 @@ async fn sqlite_corrupt_row_is_reported_with_its_position() {
     tx.commit().await.unwrap();
     let err = db.store.read_all(Position::START, 10).await.unwrap_err();
     assert!(err.to_string().starts_with("corrupt event at position 2: record:"), "{err}");
+}
+
+/// Concurrent appends may be committed together (SQLite commits waiting appends in one
+/// transaction): each is still checked and refused on its own, a refused or failing one takes
+/// none of the others down, and positions stay gapless.
+async fn concurrent_appends_succeed_or_fail_each_on_its_own(db: TestDb) {
+    let stored = event("x", 0);
+    db.store.append(&stream("tool-base"), ExpectedVersion::NoStream, vec![stored.clone()]).await.unwrap();
+    let tasks: Vec<_> = (0..96u64)
+        .map(|i| {
+            let (store, stored) = (db.store.clone(), stored.clone());
+            tokio::spawn(async move {
+                let s = stream(&format!("tool-c{i}"));
+                let outcome = match i % 4 {
+                    // Fine.
+                    0 | 1 => {
+                        store.append(&s, ExpectedVersion::NoStream, vec![event("x", i), event("x", i + 1000)]).await
+                    }
+                    // A stale expectation.
+                    2 => store.append(&s, ExpectedVersion::Exact(StreamVersion(5)), vec![event("x", i)]).await,
+                    // A batch whose last event is stored elsewhere: fails at the INSERT itself.
+                    _ => store.append(&s, ExpectedVersion::NoStream, vec![event("x", i), stored]).await,
+                };
+                (i, outcome)
+            })
+        })
+        .collect();
+    let mut written = 0;
+    for t in tasks {
+        let (i, outcome) = t.await.unwrap();
+        match (i % 4, outcome) {
+            (0 | 1, Ok(r)) => {
+                assert_eq!(r.stream_version, StreamVersion(2));
+                written += 2;
+            }
+            (2, Err(StoreError::WrongExpectedVersion { actual: None, .. })) => {}
+            (3, Err(StoreError::PartialDuplicate { stored_in, .. })) => assert_eq!(stored_in, stream("tool-base")),
+            (i, other) => panic!("append {i}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(written, 96);
+    let all = db.store.read_all(Position::START, 1_000).await.unwrap();
+    assert_eq!(all.len(), 1 + written);
+    assert!(all.iter().enumerate().all(|(i, e)| e.position == Position(i as u64 + 1)), "gapless");
+    for i in (0..96u64).filter(|i| i % 4 >= 2) {
+        assert_eq!(db.store.stream_version(&stream(&format!("tool-c{i}"))).await.unwrap(), None, "nothing of {i}");
+    }
 }

@@ -25,7 +25,7 @@ use kiln_proto::envelope::now_micros;
 use kiln_proto::job::RunJob;
 use kiln_store::queue::QUEUE;
 use kiln_store::{QueueOp, QueuePool, Store};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::runs::{AttemptOutcome, INLINE_RETRY_MAX, RunEngine};
@@ -81,6 +81,18 @@ pub struct WorkerError {
 /// Runs queue workers until `shutdown` is cancelled and in-flight runs are drained (or handed
 /// back). Restarts a worker that fails, under a new name, with backoff.
 pub async fn run(store: Store, sandbox: Arc<dyn Sandbox>, config: WorkerConfig, shutdown: CancellationToken) {
+    run_with_local(store, sandbox, config, LocalWorker::default(), shutdown).await;
+}
+
+/// [`run`], also taking runs handed over through `local` by engines of this process (see
+/// [`RunEngine::with_local_worker`]).
+pub async fn run_with_local(
+    store: Store,
+    sandbox: Arc<dyn Sandbox>,
+    config: WorkerConfig,
+    local: LocalWorker,
+    shutdown: CancellationToken,
+) {
     let reconciler = RunEngine::new(store.clone(), sandbox.clone(), format!("{}-reconciler", config.name_prefix));
     let reconciler = tokio::spawn(reconcile(reconciler, config.clone(), shutdown.clone()));
     let mut backoff = Duration::from_millis(200);
@@ -89,7 +101,7 @@ pub async fn run(store: Store, sandbox: Arc<dyn Sandbox>, config: WorkerConfig, 
         let engine = RunEngine::new(store.clone(), sandbox.clone(), name.clone())
             .with_heartbeat_timeout(config.heartbeat_timeout());
         tracing::info!(worker = %name, concurrency = config.concurrency, "worker started");
-        match run_one(engine, &config, shutdown.clone()).await {
+        match run_one(engine, &config, &local, shutdown.clone()).await {
             Ok(()) => {
                 tracing::info!(worker = %name, "worker stopped");
                 break;
@@ -118,9 +130,16 @@ struct Handler {
     heartbeat_timeout: Duration,
     /// Handlers running now (watched by the drain).
     running: watch::Sender<usize>,
+    /// Runs executing at once, whether claimed by apalis or handed over in-process.
+    slots: Arc<Semaphore>,
 }
 
-async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+async fn run_one(
+    engine: RunEngine,
+    config: &WorkerConfig,
+    local: &LocalWorker,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let name = engine.worker_id().to_owned();
     let store = engine.store().clone();
     let handler = Arc::new(Handler {
@@ -129,19 +148,22 @@ async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: Cancellatio
         abandon: CancellationToken::new(),
         heartbeat_timeout: config.heartbeat_timeout(),
         running: watch::Sender::new(0),
+        slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
     });
+    let handoffs = local.open(handler.clone(), shutdown.clone());
     let context = WorkerContext::new(&name);
     let strategy = Wakeups::new(store.queue_watch(), config.poll_interval);
     // The apalis worker keeps running (and driving its own database work, which on SQLite shares
     // Kiln's one writer connection) until the running handlers are done: stopping it earlier
     // would leave its in-flight statements unpolled, holding the writer.
     let stop = {
-        let (context, shutdown, drain, handler) =
-            (context.clone(), shutdown.clone(), config.drain_timeout, handler.clone());
+        let (context, shutdown, drain, handler, handoffs) =
+            (context.clone(), shutdown.clone(), config.drain_timeout, handler.clone(), handoffs.clone());
         async move {
             shutdown.cancelled().await;
             tracing::info!(worker = %context.name(), ?drain, "draining: no new runs, waiting for running ones");
             handler.draining.cancel();
+            handoffs.close().await;
             let mut running = handler.running.subscribe();
             if tokio::time::timeout(drain, running.wait_for(|n| *n == 0)).await.is_err() {
                 tracing::warn!(worker = %context.name(), "drain deadline passed: handing back running runs");
@@ -175,6 +197,8 @@ async fn run_one(engine: RunEngine, config: &WorkerConfig, shutdown: Cancellatio
             run_worker!(apalis_postgres::PostgresStorage<RunJob>, apalis_postgres::Config, &pool)
         }
     };
+    // A worker that failed takes no more hand-offs: its job rows would name a dead worker.
+    handoffs.close().await;
     result.map_err(|e| WorkerError { name, message: e.to_string() })
 }
 
@@ -195,22 +219,40 @@ async fn handle(job: RunJob, handler: Data<Arc<Handler>>) -> Result<(), BoxDynEr
 }
 
 impl Handler {
+    /// A job apalis claimed: waits for a free slot, then runs it.
     async fn process(&self, job: RunJob) {
         self.running.send_modify(|n| *n += 1);
-        if self.draining.is_cancelled() {
+        let slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => slot.ok(),
+            _ = self.draining.cancelled() => None,
+        };
+        match slot {
+            Some(_slot) if !self.draining.is_cancelled() => self.execute(job, None).await,
             // Claimed after shutdown began: give it straight back (due in a second, so this
             // worker does not claim it again at once while it drains).
-            self.requeue(job, Duration::from_secs(1)).await;
-        } else {
-            self.execute(job).await;
+            _ => self.requeue(job, Duration::from_secs(1)).await,
         }
         self.running.send_modify(|n| *n -= 1);
     }
 
-    async fn execute(&self, job: RunJob) {
+    /// A run handed over in-process, holding the slot it was given.
+    async fn process_handoff(&self, handoff: Handoff) {
+        let Handoff { job, slot: _slot, requested } = handoff;
+        if self.draining.is_cancelled() {
+            self.requeue(job, Duration::ZERO).await;
+        } else {
+            self.execute(job, Some(requested)).await;
+        }
+        self.running.send_modify(|n| *n -= 1);
+    }
+
+    /// Executes the run until it ends, waits or is someone else's. `requested`: its stream as
+    /// the requesting engine wrote it, to start from without reading it back.
+    async fn execute(&self, job: RunJob, mut requested: Option<kiln_proto::RecordedEvent>) {
         let run_id = job.run_id;
         loop {
-            let outcome = match self.engine.execute(run_id, self.abandon.clone()).await {
+            let known = requested.take().map(|e| vec![e]);
+            let outcome = match self.engine.execute_from(run_id, known, self.abandon.clone()).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     tracing::error!(run = %run_id, error = %e, "run could not be executed; re-queued");
@@ -249,6 +291,120 @@ impl Handler {
         let op = QueueOp::Push { job, not_before: Some(at) };
         if let Err(e) = self.engine.store().apply_queue(&[op]).await {
             tracing::error!(run = %run_id, error = %e, "could not re-queue run; the reconciler will");
+        }
+    }
+}
+
+/// Hands runs requested in this process straight to this process's worker: the request commits
+/// the run's job row already claimed by that worker, and the worker starts it at once, with no
+/// claim round trip through the database. Only while the worker has a free slot; otherwise the
+/// job is queued as usual. If the process dies, the claimed row is re-enqueued by apalis (its
+/// worker stopped heartbeating) and another worker takes the run over.
+#[derive(Debug, Clone, Default)]
+pub struct LocalWorker {
+    open: Arc<std::sync::Mutex<Option<Desk>>>,
+}
+
+/// Where hand-offs go while a worker takes them.
+#[derive(Debug, Clone)]
+struct Desk {
+    worker: String,
+    slots: Arc<Semaphore>,
+    runs: mpsc::UnboundedSender<Handoff>,
+    running: watch::Sender<usize>,
+}
+
+/// A run handed over, with the execution slot reserved for it.
+#[derive(Debug)]
+struct Handoff {
+    job: RunJob,
+    slot: OwnedSemaphorePermit,
+    requested: kiln_proto::RecordedEvent,
+}
+
+/// A free slot of the local worker, reserved before the run is requested.
+#[derive(Debug)]
+pub struct LocalSlot {
+    desk: Desk,
+    slot: OwnedSemaphorePermit,
+}
+
+impl LocalSlot {
+    /// The worker the run's job row is claimed for.
+    pub fn worker(&self) -> &str {
+        &self.desk.worker
+    }
+
+    /// Gives the (committed) run to the worker.
+    pub(crate) fn hand_off(self, job: RunJob, requested: kiln_proto::RecordedEvent) {
+        let run_id = job.run_id;
+        self.desk.running.send_modify(|n| *n += 1);
+        if self.desk.runs.send(Handoff { job, slot: self.slot, requested }).is_err() {
+            self.desk.running.send_modify(|n| *n -= 1);
+            tracing::warn!(run = %run_id, worker = %self.desk.worker, "worker stopped before taking a run; it is re-queued when its heartbeat lapses");
+        }
+    }
+}
+
+impl LocalWorker {
+    /// A free slot of the worker, if one is taking hand-offs and has a slot free now.
+    pub fn try_slot(&self) -> Option<LocalSlot> {
+        let desk = self.open.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let slot = desk.slots.clone().try_acquire_owned().ok()?;
+        Some(LocalSlot { desk, slot })
+    }
+
+    /// Starts taking hand-offs for `handler`'s worker once apalis has registered it (a claimed
+    /// job row names a registered worker).
+    fn open(&self, handler: Arc<Handler>, shutdown: CancellationToken) -> Arc<Handoffs> {
+        let (runs, mut incoming) = mpsc::unbounded_channel::<Handoff>();
+        let desk = Desk {
+            worker: handler.engine.worker_id().to_owned(),
+            slots: handler.slots.clone(),
+            runs,
+            running: handler.running.clone(),
+        };
+        let open = self.open.clone();
+        let store = handler.engine.store().clone();
+        let register = tokio::spawn(async move {
+            while !shutdown.is_cancelled() {
+                if let Ok(Some(_)) = store.worker_last_seen(&desk.worker).await {
+                    *open.lock().unwrap_or_else(|e| e.into_inner()) = Some(desk);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let take = tokio::spawn(async move {
+            while let Some(handoff) = incoming.recv().await {
+                let handler = handler.clone();
+                tokio::spawn(async move { handler.process_handoff(handoff).await });
+            }
+        });
+        Arc::new(Handoffs {
+            open: self.open.clone(),
+            register: register.abort_handle(),
+            take: tokio::sync::Mutex::new(Some(take)),
+        })
+    }
+}
+
+/// A worker's intake of hand-offs.
+struct Handoffs {
+    open: Arc<std::sync::Mutex<Option<Desk>>>,
+    register: tokio::task::AbortHandle,
+    take: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Handoffs {
+    /// Takes no more hand-offs; returns once those already made have started (each counts as
+    /// running until it is done). Idempotent.
+    async fn close(&self) {
+        self.register.abort();
+        drop(self.open.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(take) = self.take.lock().await.take() {
+            // Slots reserved just before closing are handed over (or dropped) within moments.
+            let _ = tokio::time::timeout(Duration::from_secs(1), take).await;
         }
     }
 }

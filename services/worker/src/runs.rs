@@ -59,6 +59,8 @@ pub struct RunEngine {
     heartbeat_timeout: Option<Duration>,
     /// Ended runs, for watchers (started on first use).
     endings: watch::Endings,
+    /// This process's worker, to hand requested runs to directly when it has a slot free.
+    local: Option<crate::queue::LocalWorker>,
 }
 
 type Validators = HashMap<(ToolName, u32), Arc<ArgumentValidator>>;
@@ -76,7 +78,15 @@ impl RunEngine {
             max_depth: 3,
             heartbeat_timeout: None,
             endings: watch::Endings::default(),
+            local: None,
         }
+    }
+
+    /// Hands runs this engine requests to `local`'s worker directly when it has a slot free
+    /// (see [`LocalWorker`](crate::queue::LocalWorker)), instead of queueing them for a claim.
+    pub fn with_local_worker(mut self, local: crate::queue::LocalWorker) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// Treats an attempt as lost once its worker has sent no heartbeat for `timeout`, instead
@@ -155,11 +165,15 @@ impl RunEngine {
     /// A run's events and the state they fold to.
     async fn load_run(&self, run_id: RunId) -> Result<(Vec<RecordedEvent>, RunState), ExecuteError> {
         let events = read_stream(&self.store, &StreamId::run(run_id)).await?;
-        let decoded =
-            events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
-        let state = RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?.ok_or(ExecuteError::UnknownRun(run_id))?;
+        let state = fold_run(&events)?.ok_or(ExecuteError::UnknownRun(run_id))?;
         Ok((events, state))
     }
+}
+
+/// The state a run's events fold to; None for no events.
+fn fold_run(events: &[RecordedEvent]) -> Result<Option<RunState>, ExecuteError> {
+    let decoded = events.iter().map(|e| e.decode().map(|d| (e.stream_version, d))).collect::<Result<Vec<_>, _>>()?;
+    Ok(RunState::fold(decoded.iter().map(|(v, d)| (*v, d)))?)
 }
 
 const PAGE: usize = 1_000;

@@ -63,7 +63,8 @@ pub fn terminal_count(events: &[DomainEvent]) -> usize {
 }
 
 /// A loopback HTTP server counting requests per path. `GET /gate` (counted too) holds its
-/// first caller until [`SideEffects::open_gate`]; later callers pass at once.
+/// first caller until [`SideEffects::open_gate`]; later callers pass at once. So does each
+/// `GET /gate/<name>`, on its own count.
 #[derive(Debug, Clone)]
 pub struct SideEffects {
     pub port: u16,
@@ -91,7 +92,7 @@ impl SideEffects {
                         *e += 1;
                         *e
                     };
-                    if path == "/gate" && count == 1 {
+                    if (path == "/gate" || path.starts_with("/gate/")) && count == 1 {
                         let mut open = server.gate.subscribe();
                         let _ = open.wait_for(|o| *o).await;
                     }

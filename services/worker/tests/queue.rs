@@ -15,7 +15,7 @@ use kiln_proto::{Actor, DomainEvent, RunId};
 use kiln_store::projection::{ProjectionRunner, RunnerOptions};
 use kiln_store::testing::TestDb;
 use kiln_store::{EventStore, QueueOp, Store, projections};
-use kiln_worker::queue::{WorkerConfig, requeue_stranded};
+use kiln_worker::queue::{LocalWorker, WorkerConfig, requeue_stranded};
 use kiln_worker::runs::{Cancelled, RunEngine, RunUpdate, RunView};
 use kiln_worker::testing::{SideEffects, create_tool, events, request, terminal_count, types};
 use serde_json::json;
@@ -29,6 +29,8 @@ kiln_store::backend_tests!(
     a_running_run_is_stopped_by_a_cancel_from_another_process,
     drain_finishes_short_runs_and_hands_back_long_ones,
     a_stranded_run_is_queued_again,
+    runs_requested_here_go_straight_to_this_process_worker_while_it_has_slots,
+    a_draining_worker_hands_back_runs_handed_to_it,
 );
 
 fn config() -> WorkerConfig {
@@ -48,6 +50,19 @@ fn start_workers(store: &Store, config: WorkerConfig) -> (CancellationToken, tok
     let sandbox = Arc::new(common::sandbox());
     let handle = tokio::spawn(kiln_worker::queue::run(store.clone(), sandbox, config, shutdown.clone()));
     (shutdown, handle)
+}
+
+/// Workers in the background that also take runs handed over through `local`.
+fn start_local_workers(
+    store: &Store,
+    config: WorkerConfig,
+    local: &LocalWorker,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    let shutdown = CancellationToken::new();
+    let sandbox = Arc::new(common::sandbox());
+    let run = kiln_worker::queue::run_with_local(store.clone(), sandbox, config, local.clone(), shutdown.clone());
+    (shutdown, tokio::spawn(run))
 }
 
 /// An engine that requests and watches, like the API (no sandbox use).
@@ -234,6 +249,92 @@ async fn a_stranded_run_is_queued_again(db: TestDb) {
     assert_eq!(requeue_stranded(&api, Duration::ZERO).await.unwrap(), 0, "queued once");
     let (shutdown, workers) = start_workers(&db.store, config());
     assert_eq!(wait_end(&api, run).await.status, "succeeded");
+    shutdown.cancel();
+    workers.await.unwrap();
+}
+
+/// The worker each attempt of the run started on.
+async fn attempt_workers(store: &Store, run: RunId) -> Vec<String> {
+    let evs = events(store, run).await;
+    evs.iter()
+        .filter_map(|e| match e {
+            DomainEvent::RunAttemptStarted(s) => Some(s.worker_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn runs_requested_here_go_straight_to_this_process_worker_while_it_has_slots(db: TestDb) {
+    let effects = SideEffects::start().await;
+    let code = format!(
+        "export default async (a, ctx) => {{ await fetch(`http://{}/gate/${{a.n}}`); return {{ n: a.n }}; }}",
+        effects.host()
+    );
+    let permissions = json!({"network": [effects.host()]});
+    create_tool(&db.store, json!({"name": "gated", "description": "d", "code": code, "permissions": permissions}))
+        .await;
+    let local = LocalWorker::default();
+    let (shutdown, workers) = start_local_workers(&db.store, WorkerConfig { concurrency: 2, ..config() }, &local);
+    common::eventually("the worker takes hand-offs", || local.try_slot().is_some()).await;
+    let worker = local.try_slot().unwrap().worker().to_owned();
+    let api = client(&db.store).with_local_worker(local.clone());
+    let mut runs = vec![];
+    for n in 0..4 {
+        let run = api.request(request("gated", json!({"n": n}))).await.unwrap().run_id;
+        if n < 2 {
+            // Committed already claimed by the worker, which starts it without a claim (a
+            // queued run's row is claimed by the same worker a moment later, so only the
+            // handed-over ones can be told apart here).
+            let job = db.store.job_of(run).await.unwrap().unwrap();
+            assert_eq!(job, ("Running".to_owned(), Some(worker.clone())), "run {n} handed over");
+        }
+        runs.push(run);
+    }
+    let at_gate = || (0..4).map(|n| effects.count(&format!("/gate/{n}"))).sum::<u32>();
+    common::eventually("the two handed-over runs reached the gate", || at_gate() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(at_gate(), 2, "the queued runs wait for a slot: 2 slots, 2 running");
+    assert_eq!((effects.count("/gate/0"), effects.count("/gate/1")), (1, 1));
+    effects.open_gate();
+    for (n, run) in runs.iter().enumerate() {
+        let view = wait_end(&api, *run).await;
+        assert_eq!((view.status, view.output), ("succeeded", Some(json!({"n": n}))));
+        assert_eq!(attempt_workers(&db.store, *run).await, std::slice::from_ref(&worker));
+        assert_eq!(terminal_count(&events(&db.store, *run).await), 1);
+    }
+    assert!(db.store.queue_depth().await.unwrap().is_empty(), "ended runs leave no job rows");
+    shutdown.cancel();
+    workers.await.unwrap();
+    assert!(local.try_slot().is_none(), "a stopped worker takes no hand-offs");
+    let after = api.request(request("gated", json!({"n": 9}))).await.unwrap().run_id;
+    assert_eq!(db.store.job_of(after).await.unwrap().unwrap().0, "Pending", "queued for any worker");
+}
+
+async fn a_draining_worker_hands_back_runs_handed_to_it(db: TestDb) {
+    let effects = SideEffects::start().await;
+    let code = format!(
+        "export default async (a, ctx) => {{ if (ctx.attempt === 1) await fetch('http://{}/gate'); \
+         return {{ attempt: ctx.attempt }}; }}",
+        effects.host()
+    );
+    let permissions = json!({"network": [effects.host()]});
+    create_tool(&db.store, json!({"name": "held", "description": "d", "code": code, "permissions": permissions})).await;
+    let local = LocalWorker::default();
+    let drain = WorkerConfig { drain_timeout: Duration::from_millis(500), ..config() };
+    let (shutdown, workers) = start_local_workers(&db.store, drain, &local);
+    common::eventually("the worker takes hand-offs", || local.try_slot().is_some()).await;
+    let api = client(&db.store).with_local_worker(local.clone());
+    let run = api.request(request("held", json!({}))).await.unwrap().run_id;
+    assert_eq!(db.store.job_of(run).await.unwrap().unwrap().0, "Running", "handed over");
+    common::eventually("the run reached the gate", || effects.count("/gate") == 1).await;
+    shutdown.cancel();
+    workers.await.unwrap();
+    let evs = events(&db.store, run).await;
+    assert_eq!(types(&evs), ["run.requested", "run.attempt_started", "run.attempt_failed"], "handed back");
+    assert_eq!(db.store.job_of(run).await.unwrap().unwrap().0, "Pending", "back in the queue, for any worker");
+    let (shutdown, workers) = start_workers(&db.store, config());
+    let view = wait_end(&api, run).await;
+    assert_eq!((view.status, view.output), ("succeeded", Some(json!({"attempt": 2}))));
     shutdown.cancel();
     workers.await.unwrap();
 }

@@ -11,7 +11,7 @@ use kiln_proto::events::{
 };
 use kiln_proto::job::RunJob;
 use kiln_proto::run::{InvalidRunStream, RunStatus};
-use kiln_proto::{Actor, DecodeError, DomainEvent, EventMetadata, NewEvent, RunId, StreamId};
+use kiln_proto::{Actor, DecodeError, DomainEvent, EventMetadata, NewEvent, RecordedEvent, RunId, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, QueueOp, StoreError};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -57,8 +57,26 @@ pub enum ExecuteError {
 impl RunEngine {
     /// Executes the next attempt of `run_id`, if there is one to make now.
     pub async fn execute(&self, run_id: RunId, stop: CancellationToken) -> Result<AttemptOutcome, ExecuteError> {
+        self.execute_from(run_id, None, stop).await
+    }
+
+    /// [`execute`](Self::execute), starting from `known`, the run's stream as the caller has it
+    /// (the request it just appended), instead of reading it. A stale `known` only costs the
+    /// attempt: its first append is refused and the outcome is `Fenced`.
+    pub async fn execute_from(
+        &self,
+        run_id: RunId,
+        known: Option<Vec<RecordedEvent>>,
+        stop: CancellationToken,
+    ) -> Result<AttemptOutcome, ExecuteError> {
         let stream = StreamId::run(run_id);
-        let (events, state) = self.load_run(run_id).await?;
+        let (events, state) = match known {
+            Some(events) => {
+                let state = super::fold_run(&events)?.ok_or(ExecuteError::UnknownRun(run_id))?;
+                (events, state)
+            }
+            None => self.load_run(run_id).await?,
+        };
         let first = events.first().ok_or(ExecuteError::UnknownRun(run_id))?;
         let metadata = EventMetadata {
             actor: Actor::system("worker"),
@@ -363,6 +381,10 @@ impl RunEngine {
 /// or another worker's takeover), checked whenever the log's head moves.
 async fn stream_moved_on(host: Arc<StepHost>) {
     let mut head = host.store.head_watch();
+    // At most a few checks a second per running attempt, however busy the log is; none for
+    // attempts over within that (a cancel from this process stops them at once, see `inflight`).
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+    tokio::time::sleep(EVERY).await;
     loop {
         if head.changed().await.is_err() {
             return std::future::pending().await;
@@ -379,8 +401,7 @@ async fn stream_moved_on(host: Arc<StepHost>) {
                 return;
             }
         }
-        // At most a few checks a second per running attempt, however busy the log is.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(EVERY).await;
     }
 }
 

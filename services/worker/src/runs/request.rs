@@ -4,7 +4,9 @@ use kiln_proto::arguments::InvalidArguments;
 use kiln_proto::events::RunRequested;
 use kiln_proto::job::RunJob;
 use kiln_proto::tool_state::Lifecycle;
-use kiln_proto::{Actor, DomainEvent, EventId, EventMetadata, NewEvent, RunId, StreamId, ToolName, TraceParent};
+use kiln_proto::{
+    Actor, DomainEvent, EventId, EventMetadata, NewEvent, RecordedEvent, RunId, StreamId, ToolName, TraceParent,
+};
 use kiln_store::{ExpectedVersion, QueueOp, StoreError};
 use serde_json::Value;
 
@@ -91,11 +93,26 @@ impl RunEngine {
         if let Some(key) = &req.idempotency_key {
             event.event_id = EventId::for_key(&format!("run.requested\0{}\0{key}", req.actor));
         }
-        // A child run is driven by its parent's attempt, not the queue.
+        // A child run is driven by its parent's attempt, not the queue. Others go to this
+        // process's worker directly if it has a slot free, else to the queue.
         let job = RunJob { run_id, attempt: 1, traceparent: req.traceparent.clone() };
-        let queue = if req.parent_run.is_none() { vec![QueueOp::push(job)] } else { vec![] };
-        match self.store.append_queued(&StreamId::run(run_id), ExpectedVersion::NoStream, vec![event], &queue).await {
-            Ok(_) => Ok(Requested { run_id, tool_version: version, existing: false }),
+        let local = req.parent_run.is_none().then(|| self.local.as_ref().and_then(|l| l.try_slot())).flatten();
+        let queue = match (&local, req.parent_run) {
+            (_, Some(_)) => vec![],
+            (Some(slot), None) => vec![QueueOp::PushClaimed { job: job.clone(), worker: slot.worker().to_owned() }],
+            (None, None) => vec![QueueOp::push(job.clone())],
+        };
+        let stream = StreamId::run(run_id);
+        let sent = local.is_some().then(|| event.clone());
+        match self.store.append_queued(&stream, ExpectedVersion::NoStream, vec![event], &queue).await {
+            Ok(appended) => {
+                if let (Some(slot), Some(event)) = (local, sent)
+                    && appended.written
+                {
+                    slot.hand_off(job, recorded(event, stream, &appended));
+                }
+                Ok(Requested { run_id, tool_version: version, existing: !appended.written })
+            }
             Err(StoreError::PartialDuplicate { stored_in, .. }) => self.existing_run(&req, &stored_in).await,
             Err(e) => Err(e.into()),
         }
@@ -115,5 +132,21 @@ impl RunEngine {
             return Err(RequestError::KeyReused { key, run_id: r.run_id });
         }
         Ok(Requested { run_id: r.run_id, tool_version: r.tool_version, existing: true })
+    }
+}
+
+/// A single appended event as the store recorded it.
+fn recorded(event: NewEvent, stream: StreamId, appended: &kiln_store::AppendResult) -> RecordedEvent {
+    let payload = serde_json::value::to_raw_value(&event.payload).expect("a JSON value serializes");
+    RecordedEvent {
+        position: appended.first_position,
+        stream_id: stream,
+        stream_version: appended.stream_version,
+        event_id: event.event_id,
+        event_type: event.event_type,
+        schema_version: event.schema_version,
+        occurred_at: event.occurred_at,
+        metadata: event.metadata,
+        payload,
     }
 }
