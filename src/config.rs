@@ -102,7 +102,8 @@ fn default_leeway() -> u64 {
     30
 }
 
-/// Per-actor request limits (each API replica enforces them on its own traffic).
+/// Per-actor request limits, kept in the database: every API replica on it shares each actor's
+/// budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -112,12 +113,20 @@ pub struct LimitsConfig {
     pub burst: u32,
     /// MCP requests of one actor in flight at once (0: unlimited).
     pub max_concurrent: u32,
+    /// How long a request's slot counts when its replica dies without giving it back; must be
+    /// longer than `mcp.call_budget_ms`.
+    pub slot_lease_secs: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         let d = kiln_api::LimitSettings::default();
-        Self { requests_per_second: d.requests_per_second, burst: d.burst, max_concurrent: d.max_concurrent }
+        Self {
+            requests_per_second: d.requests_per_second,
+            burst: d.burst,
+            max_concurrent: d.max_concurrent,
+            slot_lease_secs: d.slot_lease.as_secs(),
+        }
     }
 }
 
@@ -333,6 +342,13 @@ impl Config {
         if self.limits.requests_per_second > 0.0 && self.limits.burst == 0 {
             bail!("limits.burst: must be at least 1 when limits.requests_per_second is set");
         }
+        if self.limits.slot_lease_secs.saturating_mul(1000) <= self.mcp.call_budget_ms {
+            bail!(
+                "limits.slot_lease_secs: must be longer than mcp.call_budget_ms ({} ms), got {} s",
+                self.mcp.call_budget_ms,
+                self.limits.slot_lease_secs
+            );
+        }
         for (i, origin) in self.mcp.allowed_origins.iter().enumerate() {
             if origin != "null" && !origin.contains("://") {
                 bail!("mcp.allowed_origins[{i}]: {origin:?} needs a scheme, e.g. https://app.example.com:443");
@@ -448,6 +464,7 @@ impl Config {
                 requests_per_second: self.limits.requests_per_second,
                 burst: self.limits.burst,
                 max_concurrent: self.limits.max_concurrent,
+                slot_lease: Duration::from_secs(self.limits.slot_lease_secs),
             },
         }
     }

@@ -243,3 +243,33 @@ async fn an_actor_over_its_rate_is_told_when_to_retry() {
     assert!((1..=100).contains(&retry), "retry after {retry} s");
     server.terminate();
 }
+
+/// Two API replicas on one PostgreSQL database share one actor's budget: its burst is spent
+/// across both, and the replica that did not see the earlier requests refuses too.
+#[tokio::test]
+async fn two_replicas_share_an_actors_rate_budget() {
+    let db = common::PgDb::create().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let limits = [("KILN_LIMITS__REQUESTS_PER_SECOND", "0.01"), ("KILN_LIMITS__BURST", "3")];
+    let start = |dir: &Path, command: &str| {
+        let mut cmd = kiln(dir);
+        cmd.envs(limits);
+        Server::start_with(cmd, &[command, "--listen", "127.0.0.1:0", "--database-url", &db.url])
+    };
+    let a = start(dir_a.path(), "serve");
+    let b = start(dir_b.path(), "api");
+    let mut statuses = Vec::new();
+    for addr in [&a.addr, &b.addr, &a.addr, &b.addr, &a.addr] {
+        statuses.push(post_initialize(addr).await);
+    }
+    let codes: Vec<u16> = statuses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(codes, [200, 200, 200, 429, 429], "a burst of 3 for both replicas together");
+    let retry = statuses[3]
+        .1
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap_or_else(|| panic!("no Retry-After in {}", statuses[3].1));
+    assert!((1..=100).contains(&retry), "retry after {retry} s");
+    b.terminate();
+    a.terminate();
+}

@@ -54,7 +54,7 @@ pub async fn run(config: &Config, b: &McpBench) -> anyhow::Result<()> {
     let mut api = config.api_config();
     api.listen = "127.0.0.1:0".parse()?;
     // The bench is one actor making thousands of calls: per-actor limits would measure themselves.
-    api.limits = LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 0 };
+    api.limits = LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 0, ..LimitSettings::default() };
     let state = AppState { store: store.clone(), projections: None, sandbox: Some(sandbox.clone()) };
     let app = kiln_api::build(&api, state).await?;
     let addr = app.local_addr().to_string();

@@ -276,7 +276,7 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
 
     // Long-lived GET streams and session deletes are not counted against the limits.
     let permit = if parts.method == Method::POST {
-        match gate.limiter.admit(&principal.actor) {
+        match gate.limiter.admit(&principal.actor).await {
             Ok(p) => Some(p),
             Err(Refused::Rate { retry_after }) => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
