@@ -76,12 +76,24 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
 }
 
-/// JWT bearer tokens: checked against a JWKS file (re-read when it changes), issuer, audience.
+/// JWT bearer tokens: checked against a JWKS (a file, re-read when it changes, or the identity
+/// provider's URL, fetched over HTTPS), issuer, audience.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The identity provider's JWK set, as a file (replace it to rotate keys).
-    pub jwks_file: PathBuf,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The identity provider's JWK set URL (`https://`; `http://` only to a loopback address).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `jwks_url`, besides the public web roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often `jwks_url` is fetched again (also at once, at most every 10 s, when a token
+    /// names a key the set lacks).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
     /// Required `iss`.
     pub issuer: String,
     /// Required `aud` (this resource).
@@ -100,6 +112,10 @@ fn default_hosts_claim() -> String {
 
 fn default_leeway() -> u64 {
     30
+}
+
+fn default_jwks_refresh() -> u64 {
+    3600
 }
 
 /// Per-actor request limits, kept in the database: every API replica on it shares each actor's
@@ -329,6 +345,17 @@ impl Config {
             if j.issuer.is_empty() || j.audience.is_empty() {
                 bail!("auth.jwt: issuer and audience must not be empty");
             }
+            match (&j.jwks_file, &j.jwks_url) {
+                (Some(_), Some(_)) => bail!("auth.jwt: set jwks_file or jwks_url, not both"),
+                (None, None) => bail!("auth.jwt: set jwks_file or jwks_url (the identity provider's JWK set)"),
+                (Some(_), None) if j.jwks_ca_file.is_some() => {
+                    bail!("auth.jwt.jwks_ca_file: only used with jwks_url")
+                }
+                _ => {}
+            }
+            if j.jwks_refresh_secs < 10 {
+                bail!("auth.jwt.jwks_refresh_secs: must be at least 10, got {}", j.jwks_refresh_secs);
+            }
         }
         if self.mcp.call_budget_ms == 0 || self.mcp.call_budget_ms > 3_600_000 {
             bail!("mcp.call_budget_ms: must be between 1 and 3600000, got {}", self.mcp.call_budget_ms);
@@ -453,7 +480,14 @@ impl Config {
                 resource_url: self.auth.resource_url.clone(),
                 authorization_servers: self.auth.authorization_servers.clone(),
                 jwt: self.auth.jwt.as_ref().map(|j| kiln_api::auth::jwt::JwtSettings {
-                    jwks_file: j.jwks_file.clone(),
+                    jwks: match (&j.jwks_url, &j.jwks_file) {
+                        (Some(url), _) => kiln_api::auth::jwks::JwksSource::Url {
+                            url: url.clone(),
+                            ca_file: j.jwks_ca_file.clone(),
+                            refresh: Duration::from_secs(j.jwks_refresh_secs),
+                        },
+                        (None, file) => kiln_api::auth::jwks::JwksSource::File(file.clone().unwrap_or_default()),
+                    },
                     issuer: j.issuer.clone(),
                     audience: j.audience.clone(),
                     hosts_claim: j.hosts_claim.clone(),
