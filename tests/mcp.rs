@@ -247,3 +247,29 @@ async fn two_replicas_share_an_actors_rate_budget() {
     b.terminate();
     a.terminate();
 }
+
+/// MCP tasks: a client that declares the tasks extension gets a task backed by the run when the
+/// call outlives the budget; one that does not keeps getting the run handle; `tasks/cancel`
+/// cancels the run with the caller recorded.
+#[test]
+fn calls_past_the_budget_become_tasks_for_task_aware_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/kiln.db", dir.path().display());
+    let server = serve(dir.path(), &[("KILN_MCP__CALL_BUDGET_MS", "300")]);
+    let out = run_client("tasks.py", &[&format!("http://{}/mcp", server.addr)]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    server.terminate();
+
+    let run_id = out.lines().find_map(|l| l.strip_prefix("cancelled-run: ")).expect("the cancelled run's id");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(async {
+        use kiln_store::EventStore;
+        let store = kiln_store::Store::open(&kiln_store::StoreOptions::new(&db)).await.unwrap();
+        let stream = kiln_proto::StreamId::run(run_id.parse().unwrap());
+        let events = store.read_stream(&stream, kiln_proto::StreamVersion(0), 100).await.unwrap();
+        events.iter().map(|e| (e.event_type.clone(), e.payload_value())).collect::<Vec<_>>()
+    });
+    let cancelled = events.iter().find(|(t, _)| t == "run.cancelled").unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(cancelled.1["cancelledBy"], "local", "{cancelled:?}");
+    assert_eq!(cancelled.1["reason"], "tasks/cancel", "{cancelled:?}");
+}
