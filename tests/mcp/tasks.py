@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 import mcp_types as types
 from mcp.client import Client
-from mcp.client.extension import ClaimContext, ClientExtension, ResultClaim
+from mcp.client.extension import ClaimContext, ClientExtension, NotificationBinding, ResultClaim
 
 from kiln_client import check, create, done, http_session, text_of
 
@@ -35,6 +35,13 @@ class TaskState(types.Result):
     status_message: str | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+
+
+class TaskNote(types.NotificationParams):
+    """`notifications/tasks`: the task as `tasks/get` would give it."""
+    task_id: str
+    status: str
+    result: dict[str, Any] | None = None
 
 
 class TaskParams(types.RequestParams):
@@ -91,6 +98,24 @@ async def main(url):
         handle = r.structured_content or {}
         check(not r.is_error and "runId" in handle and "run_get" in text_of(r),
               "without tasks, a call past the budget answers with a run handle", r)
+
+    # A session client (2025-11-25) that declares the extension gets the task too, and
+    # notifications/tasks with the result when the run ends. The SDK parses claimed results only on
+    # 2026-07-28, so this call goes through its raw request path.
+    notes = asyncio.Queue()
+
+    async def on_task(note):
+        await notes.put(note)
+
+    binding = NotificationBinding(method="notifications/tasks", params_type=TaskNote, handler=on_task)
+    async with http_session(url, extensions={TASKS: {}}, notification_bindings=[binding]) as s:
+        raw = await s._dispatcher.send_raw_request("tools/call", {"name": "slow", "arguments": {}}, {})
+        check(raw.get("resultType") == "task" and raw.get("status") == "working",
+              "a session client that declared tasks gets a task", raw)
+        note = await asyncio.wait_for(notes.get(), timeout=30)
+        check(note.task_id == raw["taskId"] and note.status == "completed"
+              and note.result["structuredContent"] == {"done": True},
+              "notifications/tasks brings the result when the run ends", note)
 
     async with Client(url, mode="auto", extensions=[Tasks()]) as c:
         caps = c.session.discover_result.capabilities if c.session.discover_result else None
