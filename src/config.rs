@@ -353,6 +353,9 @@ impl Config {
                 }
                 _ => {}
             }
+            if let Some(url) = &j.jwks_url {
+                kiln_api::auth::jwks::check_url(url).map_err(|e| anyhow::anyhow!("auth.jwt.jwks_url: {e}"))?;
+            }
             if j.jwks_refresh_secs < 10 {
                 bail!("auth.jwt.jwks_refresh_secs: must be at least 10, got {}", j.jwks_refresh_secs);
             }
@@ -575,5 +578,28 @@ mod tests {
         let mut c = Config::default();
         c.sandbox.max_per_tool = 9;
         assert!(bad(c).starts_with("sandbox:"));
+        let mut c = Config::default();
+        c.mcp.call_budget_ms = 600_000;
+        assert!(bad(c).starts_with("limits.slot_lease_secs"));
+        let jwt = |file: Option<&str>, url: Option<&str>| {
+            let mut c = Config::default();
+            c.auth.required = true;
+            c.auth.jwt = Some(JwtConfig {
+                jwks_file: file.map(PathBuf::from),
+                jwks_url: url.map(str::to_owned),
+                jwks_ca_file: None,
+                jwks_refresh_secs: 3600,
+                issuer: "https://idp.example.com/".into(),
+                audience: "kiln".into(),
+                hosts_claim: "kiln_hosts".into(),
+                leeway_secs: 30,
+            });
+            c
+        };
+        jwt(None, Some("https://idp.example.com/jwks.json")).validate().unwrap();
+        jwt(None, Some("http://127.0.0.1:8080/jwks.json")).validate().unwrap();
+        assert!(bad(jwt(None, Some("http://idp.example.com/jwks.json"))).starts_with("auth.jwt.jwks_url:"));
+        assert!(bad(jwt(None, None)).starts_with("auth.jwt: set jwks_file or jwks_url"));
+        assert!(bad(jwt(Some("/etc/jwks.json"), Some("https://idp.example.com/j"))).contains("not both"));
     }
 }

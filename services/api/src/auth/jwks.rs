@@ -225,12 +225,11 @@ struct Fetcher {
 impl Fetcher {
     fn new(url: &str, ca_file: Option<&Path>) -> Result<Self, JwtError> {
         let err = |message: String| JwtError::Jwks { path: url.to_owned(), message };
+        check_url(url).map_err(err)?;
         let uri: Uri = url.parse().map_err(|e| err(format!("not a URL: {e}")))?;
-        let host = uri.host().ok_or_else(|| err("the URL has no host".to_owned()))?;
         let tls = match uri.scheme_str() {
             Some("https") => Some(tls_config(ca_file).map_err(err)?),
-            Some("http") if is_loopback(host) => None,
-            _ => return Err(err("must be https:// (http:// only to a loopback address)".to_owned())),
+            _ => None,
         };
         Ok(Self { uri, tls })
     }
@@ -290,6 +289,18 @@ impl Fetcher {
             .await
             .map_err(|e| format!("cannot read the response (limit {MAX_JWKS_BYTES} bytes): {e}"))?;
         Ok(body.to_bytes())
+    }
+}
+
+/// Whether `url` is one Kiln will fetch a JWKS from: `https://`, or `http://` to a loopback
+/// address. The error says what is wrong.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let host = uri.host().ok_or_else(|| format!("{url:?} has no host"))?;
+    match uri.scheme_str() {
+        Some("https") => Ok(()),
+        Some("http") if is_loopback(host) => Ok(()),
+        _ => Err(format!("{url:?} must be https:// (http:// only to a loopback address)")),
     }
 }
 
