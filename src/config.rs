@@ -76,12 +76,24 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
 }
 
-/// JWT bearer tokens: checked against a JWKS file (re-read when it changes), issuer, audience.
+/// JWT bearer tokens: checked against a JWKS (a file, re-read when it changes, or the identity
+/// provider's URL, fetched over HTTPS), issuer, audience.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The identity provider's JWK set, as a file (replace it to rotate keys).
-    pub jwks_file: PathBuf,
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The identity provider's JWK set URL (`https://`; `http://` only to a loopback address).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `jwks_url`, besides the public web roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often `jwks_url` is fetched again (also at once, at most every 10 s, when a token
+    /// names a key the set lacks).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
     /// Required `iss`.
     pub issuer: String,
     /// Required `aud` (this resource).
@@ -102,7 +114,12 @@ fn default_leeway() -> u64 {
     30
 }
 
-/// Per-actor request limits (each API replica enforces them on its own traffic).
+fn default_jwks_refresh() -> u64 {
+    3600
+}
+
+/// Per-actor request limits, kept in the database: every API replica on it shares each actor's
+/// budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -112,12 +129,20 @@ pub struct LimitsConfig {
     pub burst: u32,
     /// MCP requests of one actor in flight at once (0: unlimited).
     pub max_concurrent: u32,
+    /// How long a request's slot counts when its replica dies without giving it back; must be
+    /// longer than `mcp.call_budget_ms`.
+    pub slot_lease_secs: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         let d = kiln_api::LimitSettings::default();
-        Self { requests_per_second: d.requests_per_second, burst: d.burst, max_concurrent: d.max_concurrent }
+        Self {
+            requests_per_second: d.requests_per_second,
+            burst: d.burst,
+            max_concurrent: d.max_concurrent,
+            slot_lease_secs: d.slot_lease.as_secs(),
+        }
     }
 }
 
@@ -320,6 +345,20 @@ impl Config {
             if j.issuer.is_empty() || j.audience.is_empty() {
                 bail!("auth.jwt: issuer and audience must not be empty");
             }
+            match (&j.jwks_file, &j.jwks_url) {
+                (Some(_), Some(_)) => bail!("auth.jwt: set jwks_file or jwks_url, not both"),
+                (None, None) => bail!("auth.jwt: set jwks_file or jwks_url (the identity provider's JWK set)"),
+                (Some(_), None) if j.jwks_ca_file.is_some() => {
+                    bail!("auth.jwt.jwks_ca_file: only used with jwks_url")
+                }
+                _ => {}
+            }
+            if let Some(url) = &j.jwks_url {
+                kiln_api::auth::jwks::check_url(url).map_err(|e| anyhow::anyhow!("auth.jwt.jwks_url: {e}"))?;
+            }
+            if j.jwks_refresh_secs < 10 {
+                bail!("auth.jwt.jwks_refresh_secs: must be at least 10, got {}", j.jwks_refresh_secs);
+            }
         }
         if self.mcp.call_budget_ms == 0 || self.mcp.call_budget_ms > 3_600_000 {
             bail!("mcp.call_budget_ms: must be between 1 and 3600000, got {}", self.mcp.call_budget_ms);
@@ -332,6 +371,13 @@ impl Config {
         }
         if self.limits.requests_per_second > 0.0 && self.limits.burst == 0 {
             bail!("limits.burst: must be at least 1 when limits.requests_per_second is set");
+        }
+        if self.limits.slot_lease_secs.saturating_mul(1000) <= self.mcp.call_budget_ms {
+            bail!(
+                "limits.slot_lease_secs: must be longer than mcp.call_budget_ms ({} ms), got {} s",
+                self.mcp.call_budget_ms,
+                self.limits.slot_lease_secs
+            );
         }
         for (i, origin) in self.mcp.allowed_origins.iter().enumerate() {
             if origin != "null" && !origin.contains("://") {
@@ -437,7 +483,14 @@ impl Config {
                 resource_url: self.auth.resource_url.clone(),
                 authorization_servers: self.auth.authorization_servers.clone(),
                 jwt: self.auth.jwt.as_ref().map(|j| kiln_api::auth::jwt::JwtSettings {
-                    jwks_file: j.jwks_file.clone(),
+                    jwks: match (&j.jwks_url, &j.jwks_file) {
+                        (Some(url), _) => kiln_api::auth::jwks::JwksSource::Url {
+                            url: url.clone(),
+                            ca_file: j.jwks_ca_file.clone(),
+                            refresh: Duration::from_secs(j.jwks_refresh_secs),
+                        },
+                        (None, file) => kiln_api::auth::jwks::JwksSource::File(file.clone().unwrap_or_default()),
+                    },
                     issuer: j.issuer.clone(),
                     audience: j.audience.clone(),
                     hosts_claim: j.hosts_claim.clone(),
@@ -448,6 +501,7 @@ impl Config {
                 requests_per_second: self.limits.requests_per_second,
                 burst: self.limits.burst,
                 max_concurrent: self.limits.max_concurrent,
+                slot_lease: Duration::from_secs(self.limits.slot_lease_secs),
             },
         }
     }
@@ -524,5 +578,28 @@ mod tests {
         let mut c = Config::default();
         c.sandbox.max_per_tool = 9;
         assert!(bad(c).starts_with("sandbox:"));
+        let mut c = Config::default();
+        c.mcp.call_budget_ms = 600_000;
+        assert!(bad(c).starts_with("limits.slot_lease_secs"));
+        let jwt = |file: Option<&str>, url: Option<&str>| {
+            let mut c = Config::default();
+            c.auth.required = true;
+            c.auth.jwt = Some(JwtConfig {
+                jwks_file: file.map(PathBuf::from),
+                jwks_url: url.map(str::to_owned),
+                jwks_ca_file: None,
+                jwks_refresh_secs: 3600,
+                issuer: "https://idp.example.com/".into(),
+                audience: "kiln".into(),
+                hosts_claim: "kiln_hosts".into(),
+                leeway_secs: 30,
+            });
+            c
+        };
+        jwt(None, Some("https://idp.example.com/jwks.json")).validate().unwrap();
+        jwt(None, Some("http://127.0.0.1:8080/jwks.json")).validate().unwrap();
+        assert!(bad(jwt(None, Some("http://idp.example.com/jwks.json"))).starts_with("auth.jwt.jwks_url:"));
+        assert!(bad(jwt(None, None)).starts_with("auth.jwt: set jwks_file or jwks_url"));
+        assert!(bad(jwt(Some("/etc/jwks.json"), Some("https://idp.example.com/j"))).contains("not both"));
     }
 }

@@ -107,9 +107,9 @@ fn migrate_creates_the_schema_once() {
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
     let out = run(kiln(dir.path()).args(["migrate", "--database-url", &url]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).trim(), "sqlite schema at version 2 (was 0)");
+    assert_eq!(stdout(&out).trim(), "sqlite schema at version 3 (was 0)");
     let out = run(kiln(dir.path()).args(["migrate", "--database-url", &url]));
-    assert_eq!(stdout(&out).trim(), "sqlite schema at version 2 (was 2)");
+    assert_eq!(stdout(&out).trim(), "sqlite schema at version 3 (was 3)");
 }
 
 fn tool_events(name: &str) -> Vec<NewEvent> {

@@ -7,36 +7,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{Server, kiln, project_deno};
-
-/// The project's Python with the `mcp` SDK. Tests fail, never skip, without it.
-fn python() -> PathBuf {
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".kiln/tools/py/bin/python");
-    assert!(py.is_file(), "{} is missing: run scripts/install-mcp-clients.sh", py.display());
-    py
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp").join(name)
-}
-
-/// Runs a client script; panics with its whole output unless it succeeds.
-fn run_client(name: &str, args: &[&str]) -> String {
-    let out = Command::new(python())
-        .arg(script(name))
-        .args(args)
-        .env("KILN_DENO", project_deno())
-        .env("PYTHONUNBUFFERED", "1")
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
-    stdout
-}
+use common::{Server, kiln, run_client, script};
 
 fn serve(dir: &Path, env: &[(&str, &str)]) -> Server {
     let mut cmd = kiln(dir);
@@ -242,4 +216,60 @@ async fn an_actor_over_its_rate_is_told_when_to_retry() {
         .unwrap_or_else(|| panic!("no Retry-After in {headers}"));
     assert!((1..=100).contains(&retry), "retry after {retry} s");
     server.terminate();
+}
+
+/// Two API replicas on one PostgreSQL database share one actor's budget: its burst is spent
+/// across both, and the replica that did not see the earlier requests refuses too.
+#[tokio::test]
+async fn two_replicas_share_an_actors_rate_budget() {
+    let db = common::PgDb::create().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let limits = [("KILN_LIMITS__REQUESTS_PER_SECOND", "0.01"), ("KILN_LIMITS__BURST", "3")];
+    let start = |dir: &Path, command: &str| {
+        let mut cmd = kiln(dir);
+        cmd.envs(limits);
+        Server::start_with(cmd, &[command, "--listen", "127.0.0.1:0", "--database-url", &db.url])
+    };
+    let a = start(dir_a.path(), "serve");
+    let b = start(dir_b.path(), "api");
+    let mut statuses = Vec::new();
+    for addr in [&a.addr, &b.addr, &a.addr, &b.addr, &a.addr] {
+        statuses.push(post_initialize(addr).await);
+    }
+    let codes: Vec<u16> = statuses.iter().map(|(s, _)| *s).collect();
+    assert_eq!(codes, [200, 200, 200, 429, 429], "a burst of 3 for both replicas together");
+    let retry = statuses[3]
+        .1
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("retry-after: ").map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap_or_else(|| panic!("no Retry-After in {}", statuses[3].1));
+    assert!((1..=100).contains(&retry), "retry after {retry} s");
+    b.terminate();
+    a.terminate();
+}
+
+/// MCP tasks: a client that declares the tasks extension gets a task backed by the run when the
+/// call outlives the budget; one that does not keeps getting the run handle; `tasks/cancel`
+/// cancels the run with the caller recorded.
+#[test]
+fn calls_past_the_budget_become_tasks_for_task_aware_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/kiln.db", dir.path().display());
+    let server = serve(dir.path(), &[("KILN_MCP__CALL_BUDGET_MS", "300")]);
+    let out = run_client("tasks.py", &[&format!("http://{}/mcp", server.addr)]);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    server.terminate();
+
+    let run_id = out.lines().find_map(|l| l.strip_prefix("cancelled-run: ")).expect("the cancelled run's id");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(async {
+        use kiln_store::EventStore;
+        let store = kiln_store::Store::open(&kiln_store::StoreOptions::new(&db)).await.unwrap();
+        let stream = kiln_proto::StreamId::run(run_id.parse().unwrap());
+        let events = store.read_stream(&stream, kiln_proto::StreamVersion(0), 100).await.unwrap();
+        events.iter().map(|e| (e.event_type.clone(), e.payload_value())).collect::<Vec<_>>()
+    });
+    let cancelled = events.iter().find(|(t, _)| t == "run.cancelled").unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(cancelled.1["cancelledBy"], "local", "{cancelled:?}");
+    assert_eq!(cancelled.1["reason"], "tasks/cancel", "{cancelled:?}");
 }

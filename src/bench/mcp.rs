@@ -37,6 +37,10 @@ pub struct McpBench {
     calls_per_client: usize,
     #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
+    /// Keep the per-actor limits on (set too high to refuse), to measure what checking them in
+    /// the database costs each call.
+    #[arg(long)]
+    with_limits: bool,
 }
 
 pub async fn run(config: &Config, b: &McpBench) -> anyhow::Result<()> {
@@ -56,8 +60,13 @@ pub async fn run(config: &Config, b: &McpBench) -> anyhow::Result<()> {
     ));
     let mut api = config.api_config();
     api.listen = "127.0.0.1:0".parse()?;
-    // The bench is one actor making thousands of calls: per-actor limits would measure themselves.
-    api.limits = LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 0 };
+    // The bench is one actor making thousands of calls: real limits would refuse it. Off, or on
+    // but out of reach (`--with-limits`) to measure their cost.
+    api.limits = if b.with_limits {
+        LimitSettings { requests_per_second: 1e6, burst: 1_000_000, max_concurrent: 10_000, ..LimitSettings::default() }
+    } else {
+        LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 0, ..LimitSettings::default() }
+    };
     let state =
         AppState { store: store.clone(), projections: None, sandbox: Some(sandbox.clone()), local_worker: Some(local) };
     let app = kiln_api::build(&api, state).await?;

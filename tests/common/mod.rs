@@ -96,6 +96,32 @@ impl Drop for Server {
     }
 }
 
+/// The project's Python with the `mcp` SDK. Tests fail, never skip, without it.
+pub fn python() -> PathBuf {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".kiln/tools/py/bin/python");
+    assert!(py.is_file(), "{} is missing: run scripts/install-mcp-clients.sh", py.display());
+    py
+}
+
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp").join(name)
+}
+
+/// Runs a client script; panics with its whole output unless it succeeds.
+pub fn run_client(name: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(script(name))
+        .args(args)
+        .env("KILN_DENO", project_deno())
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
+    stdout
+}
+
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -1,7 +1,8 @@
 """JWT bearer tokens against a `kiln serve` with `auth.jwt` (JWKS file, issuer, audience).
 
-Usage: jwt_auth.py keygen DIR        writes DIR/jwks.json (kid k1, RS256) and DIR/private.pem
-       jwt_auth.py check URL DIR     signs tokens with DIR/private.pem and checks what Kiln accepts
+Usage: jwt_auth.py keygen DIR [KID]  writes DIR/jwks.json (kid KID, default k1, RS256) and DIR/private.pem
+       jwt_auth.py token DIR          prints a valid token signed with DIR/private.pem, naming its kid
+       jwt_auth.py check URL DIR      signs tokens with DIR/private.pem and checks what Kiln accepts
 """
 
 import asyncio
@@ -22,20 +23,20 @@ INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}
 
 
-def keygen(d):
+def keygen(d, kid="k1"):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     open(f"{d}/private.pem", "wb").write(pem)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+    jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
     json.dump({"keys": [jwk]}, open(f"{d}/jwks.json", "w"))
 
 
-def token(key, **overrides):
+def token(key, kid="k1", **overrides):
     claims = {"iss": ISS, "aud": AUD, "sub": "alice", "exp": int(time.time()) + 300,
               "scope": "tools:read tools:write tools:run openid", "kiln_hosts": ["allowed.example.com"]}
     claims.update(overrides)
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
 
 
 def status_of(url, tok):
@@ -90,6 +91,9 @@ async def check_all(url, d):
 
 
 if sys.argv[1] == "keygen":
-    keygen(sys.argv[2])
+    keygen(*sys.argv[2:4])
+elif sys.argv[1] == "token":
+    kid = json.load(open(f"{sys.argv[2]}/jwks.json"))["keys"][0]["kid"]
+    print(token(open(f"{sys.argv[2]}/private.pem", "rb").read(), kid=kid))
 else:
     asyncio.run(check_all(sys.argv[2], sys.argv[3]))

@@ -8,6 +8,7 @@
 //! needs and answers 401/403 as the MCP authorization spec describes.
 
 pub mod http;
+pub mod jwks;
 pub mod jwt;
 pub mod keys;
 

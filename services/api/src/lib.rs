@@ -163,7 +163,7 @@ pub async fn build(config: &ApiConfig, state: AppState) -> Result<App, ApiError>
         Gate::new(
             config.auth.clone(),
             state.store.clone(),
-            limits::Limiter::new(config.limits),
+            limits::Limiter::new(config.limits, state.store.clone()),
             config.mcp.max_body_bytes,
         )
         .map_err(ApiError::Auth)?,

@@ -1,12 +1,13 @@
-//! Per-actor request limits: a token bucket for the rate and a counter for concurrent requests.
-//! Both are kept in this process's memory, so with several replicas each enforces them on its
-//! own share of the traffic (see docs/mcp.md). A refusal says when to retry.
+//! Per-actor request limits: a rate (token bucket) and a number of requests in flight, kept in
+//! the database ([`kiln_store::limits`]) so that every API replica on one database shares each
+//! actor's budget. A refusal says when to retry. A slot is held until the response is done, and
+//! counts at most `slot_lease` if its replica dies before giving it back.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_proto::Actor;
+use kiln_store::Store;
+use kiln_store::limits::{self, Admission, Limits};
 
 /// Limits for each actor.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,11 +18,20 @@ pub struct LimitSettings {
     pub burst: u32,
     /// Requests of one actor in flight at once (0: unlimited).
     pub max_concurrent: u32,
+    /// How long a request's slot counts if its replica dies without giving it back; longer than
+    /// any request (the call budget) so live requests are never uncounted.
+    pub slot_lease: Duration,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { requests_per_second: 100.0, burst: 200, max_concurrent: 32 }
+        Self { requests_per_second: 100.0, burst: 200, max_concurrent: 32, slot_lease: Duration::from_secs(300) }
+    }
+}
+
+impl LimitSettings {
+    fn unlimited(&self) -> bool {
+        self.requests_per_second <= 0.0 && self.max_concurrent == 0
     }
 }
 
@@ -32,93 +42,62 @@ pub enum Refused {
     Concurrency { limit: u32 },
 }
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-    in_flight: u32,
-}
-
-/// The limiter, shared by every request of this process.
+/// The limiter of this process; its state is in the database.
 #[derive(Debug, Clone)]
 pub struct Limiter {
     settings: LimitSettings,
-    buckets: Arc<Mutex<HashMap<Actor, Bucket>>>,
+    store: Store,
 }
 
 /// Holds one of an actor's concurrent slots until dropped.
 #[derive(Debug)]
 pub struct Permit {
-    limiter: Limiter,
-    actor: Actor,
+    store: Store,
+    slot: Option<String>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut buckets = self.limiter.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = buckets.get_mut(&self.actor) {
-            b.in_flight = b.in_flight.saturating_sub(1);
+        let Some(slot) = self.slot.take() else { return };
+        let store = self.store.clone();
+        // A slot not given back (no runtime at shutdown, a database error) expires with its lease.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = limits::release(&store, &slot).await {
+                    tracing::warn!(error = %e, "cannot give a request slot back; it frees itself when its lease expires");
+                }
+            });
         }
     }
 }
 
 impl Limiter {
-    pub fn new(settings: LimitSettings) -> Self {
-        Self { settings, buckets: Arc::default() }
+    pub fn new(settings: LimitSettings, store: Store) -> Self {
+        Self { settings, store }
     }
 
-    /// Takes a token and a concurrency slot for `actor`, or says why not.
-    pub fn admit(&self, actor: &Actor) -> Result<Permit, Refused> {
+    /// Takes a token and a concurrency slot for `actor`, or says why not. If the database cannot
+    /// answer the request is let through (and the error logged): the limits protect the server,
+    /// and a request that cannot reach the database fails on its own anyway.
+    pub async fn admit(&self, actor: &Actor) -> Result<Permit, Refused> {
         let s = self.settings;
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > 100_000 {
-            buckets.retain(|_, b| b.in_flight > 0);
+        if s.unlimited() {
+            return Ok(Permit { store: self.store.clone(), slot: None });
         }
-        let b = buckets.entry(actor.clone()).or_insert(Bucket { tokens: f64::from(s.burst), at: now, in_flight: 0 });
-        if s.max_concurrent > 0 && b.in_flight >= s.max_concurrent {
-            return Err(Refused::Concurrency { limit: s.max_concurrent });
-        }
-        if s.requests_per_second > 0.0 {
-            let refill = now.duration_since(b.at).as_secs_f64() * s.requests_per_second;
-            b.tokens = (b.tokens + refill).min(f64::from(s.burst.max(1)));
-            b.at = now;
-            if b.tokens < 1.0 {
-                let wait = (1.0 - b.tokens) / s.requests_per_second;
-                return Err(Refused::Rate { retry_after: Duration::from_secs_f64(wait) });
+        let l = Limits {
+            requests_per_second: s.requests_per_second,
+            burst: s.burst,
+            max_concurrent: s.max_concurrent,
+            slot_lease: s.slot_lease,
+        };
+        match limits::admit(&self.store, actor.as_str(), &l).await {
+            Ok(Admission::Admitted { slot }) => Ok(Permit { store: self.store.clone(), slot: Some(slot) }),
+            Ok(Admission::Rate { retry_after }) => Err(Refused::Rate { retry_after }),
+            Ok(Admission::Concurrency { limit }) => Err(Refused::Concurrency { limit }),
+            Err(e) => {
+                tracing::error!(error = %e, actor = %actor, "cannot check request limits; letting the request through");
+                Ok(Permit { store: self.store.clone(), slot: None })
             }
-            b.tokens -= 1.0;
         }
-        b.in_flight += 1;
-        Ok(Permit { limiter: self.clone(), actor: actor.clone() })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_burst_is_spent_then_refused_with_a_retry_time() {
-        let l = Limiter::new(LimitSettings { requests_per_second: 1.0, burst: 2, max_concurrent: 0 });
-        let a = Actor::local();
-        let _p1 = l.admit(&a).unwrap();
-        let _p2 = l.admit(&a).unwrap();
-        match l.admit(&a) {
-            Err(Refused::Rate { retry_after }) => assert!(retry_after <= Duration::from_secs(1)),
-            other => panic!("expected a rate refusal, got {other:?}"),
-        }
-        // Another actor has its own bucket.
-        assert!(l.admit(&Actor::parse("key:other").unwrap()).is_ok());
-    }
-
-    #[test]
-    fn concurrency_slots_come_back_when_permits_drop() {
-        let l = Limiter::new(LimitSettings { requests_per_second: 0.0, burst: 0, max_concurrent: 1 });
-        let a = Actor::local();
-        let p = l.admit(&a).unwrap();
-        assert_eq!(l.admit(&a).unwrap_err(), Refused::Concurrency { limit: 1 });
-        drop(p);
-        assert!(l.admit(&a).is_ok());
     }
 }

@@ -14,6 +14,7 @@ mod call;
 mod meta;
 mod result;
 pub mod schemas;
+mod tasks;
 
 pub use meta::scope_of as meta_scope;
 
@@ -25,8 +26,9 @@ use kiln_proto::tool_state::Lifecycle;
 use kiln_store::Store;
 use kiln_worker::runs::RunEngine;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, InitializeResult, ListToolsResult, LoggingLevel,
-    PaginatedRequestParams, ServerCapabilities, SetLevelRequestParams, SubscriptionFilter, Tool,
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, GetTaskParams, GetTaskResult, Implementation,
+    InitializeResult, ListToolsResult, LoggingLevel, PaginatedRequestParams, ServerCapabilities, SetLevelRequestParams,
+    SubscriptionFilter, Tool,
 };
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -122,8 +124,12 @@ pub(crate) fn to_tool(v: Value) -> Option<Tool> {
 
 impl ServerHandler for KilnMcp {
     fn get_info(&self) -> InitializeResult {
-        let capabilities =
-            ServerCapabilities::builder().enable_tools().enable_tool_list_changed().enable_logging().build();
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_logging()
+            .enable_tasks()
+            .build();
         let mut info = InitializeResult::new(capabilities).with_instructions(
             "Kiln runs tools that you create at runtime. Create one with tool_create (JavaScript/TypeScript run in a \
              Deno sandbox), then call it by its name, or with tool_run if your tool list is cached. Every call is a \
@@ -169,7 +175,30 @@ impl ServerHandler for KilnMcp {
             }
         }
         let call = call::Call { tool: name.into_owned(), arguments, version: None, idempotency_key: None };
-        Ok(self.run_tool(call, &principal, &context).await.into())
+        // A client that declared the tasks extension gets a task for a run that outlives the
+        // budget; any other keeps getting the run handle.
+        let as_task = context.client_capabilities().is_some_and(|c| c.supports_tasks());
+        Ok(self.run_tool_or_task(call, &principal, &context, as_task).await)
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        let principal = self.principal(&context)?;
+        Self::require(&principal, Scope::ToolsRun)?;
+        self.get_task_of(&request.task_id, &principal).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        let principal = self.principal(&context)?;
+        Self::require(&principal, Scope::ToolsRun)?;
+        self.cancel_task_of(&request.task_id, &principal).await
     }
 
     async fn set_level(

@@ -10,6 +10,7 @@
 
 mod error;
 mod event_store;
+pub mod limits;
 pub mod migrate;
 pub mod postgres;
 pub mod projection;

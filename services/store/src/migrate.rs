@@ -12,11 +12,13 @@ use crate::Backend;
 const SQLITE: &[(i64, &str, &str)] = &[
     (1, "event log", include_str!("../../../migrations/sqlite/0001_event_log.sql")),
     (2, "api keys", include_str!("../../../migrations/sqlite/0002_api_keys.sql")),
+    (3, "actor limits", include_str!("../../../migrations/sqlite/0003_actor_limits.sql")),
 ];
 
 const POSTGRES: &[(i64, &str, &str)] = &[
     (1, "event log", include_str!("../../../migrations/postgres/0001_event_log.sql")),
     (2, "api keys", include_str!("../../../migrations/postgres/0002_api_keys.sql")),
+    (3, "actor limits", include_str!("../../../migrations/postgres/0003_actor_limits.sql")),
 ];
 
 /// The migrator for one backend.

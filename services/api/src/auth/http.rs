@@ -17,7 +17,7 @@ use kiln_proto::{Actor, DomainEvent, EventMetadata, NewEvent, StreamId};
 use kiln_store::{EventStore, ExpectedVersion, Store};
 use serde_json::{Value, json};
 
-use super::jwt::{JwtSettings, JwtVerifier};
+use super::jwt::{JwtError, JwtSettings, JwtVerifier};
 use super::keys::{ApiKeys, Rejected, is_api_key};
 use super::{Principal, Scope};
 use crate::limits::{Limiter, Refused};
@@ -48,6 +48,25 @@ pub struct Gate {
     pub store: Store,
     /// Denials recorded in the last second, so a flood of bad requests cannot flood the log.
     denial_budget: Mutex<(Instant, u32)>,
+}
+
+/// Why a request could not be authenticated.
+#[derive(Debug)]
+struct Denied {
+    /// The `auth.denied` reason.
+    reason: &'static str,
+    /// The API key id named by a revoked key.
+    credential: Option<String>,
+    /// The credential could not be checked at all (the JWKS is unavailable): 503, not 401.
+    unavailable: bool,
+    /// What was wrong, for the response.
+    why: Option<String>,
+}
+
+impl Denied {
+    fn new(reason: &'static str, credential: Option<String>) -> Self {
+        Self { reason, credential, unavailable: false, why: None }
+    }
 }
 
 /// Denial events recorded per second at most; the rest are only logged.
@@ -104,34 +123,35 @@ impl Gate {
         })
     }
 
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, (&'static str, Option<String>)> {
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Denied> {
         if !self.settings.required {
             return Ok(Principal::local());
         }
-        let Some(value) = headers.get(header::AUTHORIZATION) else { return Err(("missing_token", None)) };
+        let Some(value) = headers.get(header::AUTHORIZATION) else { return Err(Denied::new("missing_token", None)) };
         let token = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
-            .ok_or(("invalid_token", None))?;
+            .ok_or(Denied::new("invalid_token", None))?;
         if is_api_key(token) {
             return match self.keys.verify(token).await {
                 Ok(Ok(key)) => Ok(key.principal()),
-                Ok(Err(Rejected::Revoked)) => Err(("revoked_key", token.get(5..21).map(str::to_owned))),
-                Ok(Err(_)) => Err(("invalid_token", None)),
+                Ok(Err(Rejected::Revoked)) => Err(Denied::new("revoked_key", token.get(5..21).map(str::to_owned))),
+                Ok(Err(_)) => Err(Denied::new("invalid_token", None)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot check an API key");
-                    Err(("invalid_token", None))
+                    Err(Denied::new("invalid_token", None))
                 }
             };
         }
         match &self.jwt {
-            Some(jwt) => jwt.verify(token).map_err(|e| {
+            Some(jwt) => jwt.verify(token).await.map_err(|e| {
                 tracing::info!(error = %e, "JWT refused");
-                (e.reason(), None)
+                let (unavailable, why) = (matches!(e, JwtError::Jwks { .. }), Some(e.to_string()));
+                Denied { reason: e.reason(), credential: None, unavailable, why }
             }),
-            None => Err(("invalid_token", None)),
+            None => Err(Denied::new("invalid_token", None)),
         }
     }
 
@@ -222,7 +242,7 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
 
     let principal = match gate.authenticate(&parts.headers).await {
         Ok(p) => p,
-        Err((reason, credential)) => {
+        Err(Denied { reason, credential, unavailable, why }) => {
             gate.record_denial(
                 None,
                 AuthDenied {
@@ -233,11 +253,21 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
                     path: path.clone(),
                 },
             );
+            let why = why.unwrap_or_else(|| reason.to_owned());
+            if unavailable {
+                // Not the caller's fault: the keys to check its token cannot be had right now.
+                let mut r = json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("cannot check the bearer token now ({why}); retry later"),
+                );
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5));
+                return r;
+            }
             let mut challenge = format!("Bearer resource_metadata=\"{}\"", gate.metadata_url(&parts.headers));
             if reason != "missing_token" {
                 challenge.push_str(", error=\"invalid_token\"");
             }
-            let mut r = json_error(StatusCode::UNAUTHORIZED, &format!("authentication required ({reason})"));
+            let mut r = json_error(StatusCode::UNAUTHORIZED, &format!("authentication required ({why})"));
             if let Ok(v) = HeaderValue::from_str(&challenge) {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
             }
@@ -276,7 +306,7 @@ pub async fn gate(State(gate): State<Arc<Gate>>, request: Request, next: Next) -
 
     // Long-lived GET streams and session deletes are not counted against the limits.
     let permit = if parts.method == Method::POST {
-        match gate.limiter.admit(&principal.actor) {
+        match gate.limiter.admit(&principal.actor).await {
             Ok(p) => Some(p),
             Err(Refused::Rate { retry_after }) => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;

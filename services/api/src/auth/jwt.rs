@@ -4,27 +4,24 @@
 //! OAuth issues them) or `scp` (array); the hosts the caller's tools may reach from a configured
 //! claim (default `kiln_hosts`; absent: none).
 //!
-//! The JWKS is read from a file, re-read whenever the file changes (rotate keys by replacing
-//! it). Fetching it over HTTPS from the identity provider is left to whatever deploys Kiln
-//! (a sidecar or cron writing the file), so this binary carries no TLS client.
+//! The keys come from a file or from the identity provider's URL over HTTPS ([`super::jwks`]).
 
-use std::path::PathBuf;
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::sync::Arc;
 
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{DecodingKey, Validation, decode, decode_header};
 use kiln_proto::Actor;
 use kiln_proto::tool::NetHost;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::jwks::{Jwks, JwksSource};
 use super::{HostGrant, Principal, Scope};
 
 /// How tokens are checked (from `[auth.jwt]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtSettings {
-    pub jwks_file: PathBuf,
+    pub jwks: JwksSource,
     pub issuer: String,
     pub audience: String,
     /// The claim listing the hosts the caller's tools may reach.
@@ -37,7 +34,7 @@ pub struct JwtSettings {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum JwtError {
-    #[error("cannot read the JWKS {path}: {message}")]
+    #[error("cannot get the JWKS {path}: {message}")]
     Jwks { path: String, message: String },
     #[error("malformed token: {0}")]
     Malformed(String),
@@ -73,43 +70,43 @@ struct Claims {
     rest: serde_json::Map<String, Value>,
 }
 
-/// Checks tokens against the configured JWKS file.
+/// Checks tokens against the configured JWKS.
 #[derive(Debug)]
 pub struct JwtVerifier {
     settings: JwtSettings,
-    /// The key set and the file's modification time it was read at.
-    keys: RwLock<(Option<SystemTime>, JwkSet)>,
+    keys: Arc<Jwks>,
+}
+
+/// The key a token names (by `kid`, or the only key when it names none).
+fn find<'a>(keys: &'a JwkSet, kid: Option<&str>) -> Option<&'a Jwk> {
+    match kid {
+        Some(kid) => keys.find(kid),
+        None if keys.keys.len() == 1 => keys.keys.first(),
+        None => None,
+    }
 }
 
 impl JwtVerifier {
-    /// Reads the JWKS once, so a wrong path is a start-up error.
+    /// A JWKS file is read now, so a wrong path is a start-up error; a URL is fetched in the
+    /// background.
     pub fn new(settings: JwtSettings) -> Result<Self, JwtError> {
-        let (mtime, keys) = read_jwks(&settings.jwks_file)?;
-        Ok(Self { settings, keys: RwLock::new((mtime, keys)) })
+        let keys = Jwks::new(settings.jwks.clone())?;
+        Ok(Self { settings, keys })
     }
 
-    fn reload_if_changed(&self) -> Result<(), JwtError> {
-        let mtime = std::fs::metadata(&self.settings.jwks_file).and_then(|m| m.modified()).ok();
-        let current = self.keys.read().unwrap_or_else(|e| e.into_inner()).0;
-        if mtime != current {
-            let fresh = read_jwks(&self.settings.jwks_file)?;
-            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        }
-        Ok(())
-    }
-
-    pub fn verify(&self, token: &str) -> Result<Principal, JwtError> {
-        self.reload_if_changed()?;
+    pub async fn verify(&self, token: &str) -> Result<Principal, JwtError> {
         let header = decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
-        let key = {
-            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            let jwk = match &header.kid {
-                Some(kid) => keys.1.find(kid).ok_or_else(|| JwtError::UnknownKey(kid.clone()))?,
-                None if keys.1.keys.len() == 1 => &keys.1.keys[0],
-                None => return Err(JwtError::UnknownKey("(no kid in the token)".to_owned())),
-            };
-            DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Invalid(e.to_string()))?
-        };
+        let kid = header.kid.as_deref();
+        let mut keys = self.keys.current().await?;
+        if find(&keys, kid).is_none() {
+            // Perhaps the provider rotated its keys since the set was fetched.
+            if let Some(fresh) = self.keys.refresh_for_unknown_kid().await? {
+                keys = fresh;
+            }
+        }
+        let jwk =
+            find(&keys, kid).ok_or_else(|| JwtError::UnknownKey(kid.unwrap_or("(no kid in the token)").to_owned()))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&self.settings.issuer]);
         validation.set_audience(&[&self.settings.audience]);
@@ -145,15 +142,4 @@ impl JwtVerifier {
         };
         Ok(Principal { actor, scopes, hosts: HostGrant::Only(hosts), credential: Some(format!("jwt:{}", claims.sub)) })
     }
-}
-
-fn read_jwks(path: &std::path::Path) -> Result<(Option<SystemTime>, JwkSet), JwtError> {
-    let err = |message: String| JwtError::Jwks { path: path.display().to_string(), message };
-    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| err(e.to_string()))?;
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let keys: JwkSet = serde_json::from_str(&text).map_err(|e| err(format!("not a JWK set: {e}")))?;
-    if keys.keys.is_empty() {
-        return Err(err("the set has no keys".to_owned()));
-    }
-    Ok((Some(mtime), keys))
 }

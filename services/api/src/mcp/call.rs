@@ -3,14 +3,16 @@
 //! and turn the outcome into a `tools/call` result.
 
 use kiln_proto::ToolName;
-use kiln_worker::runs::{RequestError, RunRequest};
+use kiln_worker::runs::{RequestError, RunRequest, RunView};
 use rmcp::RoleServer;
-use rmcp::model::{CallToolResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam};
+use rmcp::model::{
+    CallToolResponse, CallToolResult, LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam,
+};
 use rmcp::service::RequestContext;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{KilnMcp, result};
+use super::{KilnMcp, result, tasks};
 use crate::auth::Principal;
 use crate::runs::{self, Update};
 
@@ -32,15 +34,33 @@ impl KilnMcp {
         principal: &Principal,
         context: &RequestContext<RoleServer>,
     ) -> CallToolResult {
+        match self.run_tool_or_task(call, principal, context, false).await {
+            CallToolResponse::Complete(result) => result,
+            other => {
+                tracing::error!(?other, "a call without tasks answered with something else");
+                result::error("internal", "unexpected answer to a call", Value::Null)
+            }
+        }
+    }
+
+    /// As [`Self::run_tool`]; with `as_task` (the client declared the tasks extension), a run
+    /// still going when the budget runs out is answered with a task instead of a run handle.
+    pub(super) async fn run_tool_or_task(
+        &self,
+        call: Call,
+        principal: &Principal,
+        context: &RequestContext<RoleServer>,
+        as_task: bool,
+    ) -> CallToolResponse {
         let Some(engine) = &self.services.engine else {
-            return result::error("unavailable", "this server has no sandbox to run tools", Value::Null);
+            return result::error("unavailable", "this server has no sandbox to run tools", Value::Null).into();
         };
         let tool = match ToolName::parse(call.tool.as_str()) {
             Ok(t) => t,
-            Err(e) => return result::error("invalid_name", &e.to_string(), Value::Null),
+            Err(e) => return result::error("invalid_name", &e.to_string(), Value::Null).into(),
         };
         if !call.arguments.is_object() {
-            return result::error("invalid_arguments", "arguments must be a JSON object", Value::Null);
+            return result::error("invalid_arguments", "arguments must be a JSON object", Value::Null).into();
         }
         let request = RunRequest {
             tool: tool.clone(),
@@ -55,28 +75,41 @@ impl KilnMcp {
         };
         let requested = match engine.request(request).await {
             Ok(r) => r,
-            Err(e) => return request_error(&e),
+            Err(e) => return request_error(&e).into(),
         };
         let updates = self.forward_updates(context);
-        let view = match runs::wait(engine, requested.run_id, self.services.call_budget, updates, context.ct.clone())
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                return result::error("internal", &format!("cannot read run {}: {e}", requested.run_id), Value::Null);
+        let view =
+            match runs::wait(engine, requested.run_id, self.services.call_budget, updates, context.ct.clone()).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let message = format!("cannot read run {}: {e}", requested.run_id);
+                    return result::error("internal", &message, Value::Null).into();
+                }
+            };
+        if as_task && !view.is_ended() {
+            if context.peer.peer_info().is_some() {
+                self.notify_when_ended(view.run_id, context.peer.clone());
             }
-        };
-        // The output schema of the version that ran: from the live catalog when that is the
-        // current version (the usual case), else from the tool's stream.
-        let live = self.services.live.get(tool.as_str()).filter(|t| t.version == requested.tool_version);
+            return CallToolResponse::Task(tasks::created(&view));
+        }
+        self.run_result(&view).await.into()
+    }
+
+    /// A run as a `tools/call` result, its output checked against the `outputSchema` of the
+    /// tool version that ran: from the live catalog when that is the current version (the usual
+    /// case), else from the tool's stream.
+    pub(super) async fn run_result(&self, view: &RunView) -> CallToolResult {
+        let live = self.services.live.get(view.tool.as_str()).filter(|t| t.version == view.tool_version);
         let schema =
             match live.and_then(|t| t.definition) {
                 Some(d) => d.output_schema.clone(),
-                None => self.services.catalog.state(&tool).await.ok().flatten().and_then(|s| {
-                    s.versions.get(&requested.tool_version).and_then(|v| v.definition.output_schema.clone())
-                }),
+                None => {
+                    self.services.catalog.state(&view.tool).await.ok().flatten().and_then(|s| {
+                        s.versions.get(&view.tool_version).and_then(|v| v.definition.output_schema.clone())
+                    })
+                }
             };
-        result::from_run(&view, schema.as_ref())
+        result::from_run(view, schema.as_ref())
     }
 
     /// A channel whose updates become progress (if the client sent a progress token) and
