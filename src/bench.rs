@@ -57,6 +57,10 @@ pub struct RunsBench {
     /// does while the worker has a slot free).
     #[arg(long)]
     no_handoff: bool,
+    /// The tool waits this long before answering (an I/O-bound tool, such as one calling an
+    /// API): the workers' slots, not the database, then bound throughput. 0: trivial tool.
+    #[arg(long, default_value_t = 0)]
+    tool_ms: u64,
     /// With --queue on SQLite: the in-process worker's slots.
     #[arg(long, default_value_t = 8)]
     worker_concurrency: usize,
@@ -265,11 +269,13 @@ async fn runs_bench(config: &Config, b: &RunsBench) -> anyhow::Result<()> {
     let store = Store::open_and_migrate(&StoreOptions::new(&scratch.url)).await?;
     let sandbox = std::sync::Arc::new(kiln_worker::DenoSandbox::start(config.sandbox_config()?)?);
     let engine = RunEngine::new(store.clone(), sandbox.clone(), "bench");
-    let d = kiln_proto::ToolDefinition::parse(
-        &json!({"name": "add", "description": "a+b", "code": "(a) => ({ sum: a.a + a.b })"}),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?
-    .definition;
+    let code = match b.tool_ms {
+        0 => "(a) => ({ sum: a.a + a.b })".to_owned(),
+        ms => format!("async (a) => {{ await new Promise((r) => setTimeout(r, {ms})); return {{ sum: a.a + a.b }}; }}"),
+    };
+    let d = kiln_proto::ToolDefinition::parse(&json!({"name": "add", "description": "a+b", "code": code}))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .definition;
     let meta = EventMetadata::new(Actor::local());
     let events = [
         kiln_proto::DomainEvent::from(ToolCreated { name: d.name.clone() }),

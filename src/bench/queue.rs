@@ -100,8 +100,9 @@ pub(super) async fn run(
     let (c50, c99) = percentiles(&mut closed);
     let (o50, o99) = percentiles(&mut open);
     println!(
-        "queued runs ({}, {workers}): one at a time p50 {:.2} ms, p99 {:.2} ms | {} runs, {} in flight: {:.2} s = {:.0} runs/s, p50 {:.2} ms, p99 {:.2} ms",
+        "queued runs ({}, {workers}, tool {}): one at a time p50 {:.2} ms, p99 {:.2} ms | {} runs, {} in flight: {:.2} s = {:.0} runs/s, p50 {:.2} ms, p99 {:.2} ms",
         store.backend(),
+        if b.tool_ms == 0 { "trivial".to_owned() } else { format!("waits {} ms", b.tool_ms) },
         ms(c50),
         ms(c99),
         b.runs,

@@ -18,7 +18,7 @@ use kiln_proto::{
 use serde_json::value::RawValue;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
@@ -43,6 +43,8 @@ pub struct PgStore {
     /// Stops the LISTEN task; cancelled by `close` or when the last handle is dropped.
     stop: CancellationToken,
     _stop_on_drop: Arc<DropGuard>,
+    /// Appends waiting for the group commit task.
+    appends: mpsc::UnboundedSender<PendingAppend>,
 }
 
 impl PgStore {
@@ -53,6 +55,7 @@ impl PgStore {
             .connect(&options.database_url)
             .await?;
         let stop = CancellationToken::new();
+        let (appends, pending) = mpsc::unbounded_channel();
         let store = Self {
             pool,
             head: Arc::new(watch::Sender::new(Position::START)),
@@ -60,8 +63,12 @@ impl PgStore {
             run_feed: tokio::sync::broadcast::Sender::new(1024),
             _stop_on_drop: Arc::new(stop.clone().drop_guard()),
             stop,
+            appends,
         };
         store.spawn_listener().await?;
+        // The task holds no sender: it ends when the last handle to the store is dropped.
+        let group = Self { appends: mpsc::unbounded_channel().0, ..store.clone() };
+        tokio::spawn(group.group_commit(pending));
         Ok(store)
     }
 
@@ -165,6 +172,11 @@ impl PgStore {
     }
 
     /// Appends and applies `queue` changes in the same transaction.
+    ///
+    /// Appends from concurrent callers in this process are committed in groups, as on SQLite:
+    /// one task takes every append waiting and commits them in one transaction (one head lock,
+    /// one commit), each checked against its own expected version. If the group fails, each
+    /// append is retried alone.
     pub async fn append_queued(
         &self,
         stream: &StreamId,
@@ -174,6 +186,179 @@ impl PgStore {
     ) -> Result<AppendResult> {
         check_append(stream, &events)?;
         let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
+        let (reply, answer) = oneshot::channel();
+        let append = PendingAppend { stream: stream.clone(), expected, events, payloads, queue: queue.to_vec(), reply };
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        self.appends.send(append).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Commits appends in groups until every handle to the store is gone.
+    async fn group_commit(self, mut appends: mpsc::UnboundedReceiver<PendingAppend>) {
+        while let Some(first) = appends.recv().await {
+            let mut events = first.events.len();
+            let mut group = vec![first];
+            while group.len() < GROUP_APPENDS && events < GROUP_EVENTS {
+                let Ok(next) = appends.try_recv() else { break };
+                events += next.events.len();
+                group.push(next);
+            }
+            if group.len() == 1 {
+                let a = group.pop().expect("one append");
+                let result = self.append_alone(&a.stream, a.expected, &a.events, a.payloads, &a.queue).await;
+                let _ = a.reply.send(result);
+                continue;
+            }
+            let staged = match self.write_group(&group).await {
+                Ok(staged) => staged,
+                Err(e) => {
+                    tracing::debug!(error = %e, appends = group.len(), "group append failed; appending one by one");
+                    group.iter().map(|_| None).collect()
+                }
+            };
+            let mut alone = Vec::new();
+            for (append, staged) in group.into_iter().zip(staged) {
+                match staged {
+                    Some(result) => {
+                        let _ = append.reply.send(result);
+                    }
+                    None => alone.push(append),
+                }
+            }
+            for a in alone {
+                let result = self.append_alone(&a.stream, a.expected, &a.events, a.payloads, &a.queue).await;
+                let _ = a.reply.send(result);
+            }
+        }
+    }
+
+    /// Writes a group of appends in one transaction. Per append: its result (refusals included),
+    /// or None for those to append alone afterwards (their event ids repeat within the group,
+    /// say concurrent retries of one append).
+    async fn write_group(&self, group: &[PendingAppend]) -> Result<Vec<Option<Result<AppendResult>>>> {
+        let mut tx = self.pool.begin().await?;
+        let head: i64 = sqlx::query_scalar("SELECT position FROM kiln_log_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+        let streams: Vec<&str> = group.iter().map(|a| a.stream.as_str()).collect();
+        let ids: Vec<Uuid> = group.iter().flat_map(|a| a.events.iter().map(|e| e.event_id.as_uuid())).collect();
+        // What the group needs to know, in one round trip: each stream's version, and which of
+        // the event ids are stored already (retries).
+        let rows: Vec<(Option<String>, Option<i64>, Option<Uuid>)> = sqlx::query_as(
+            "SELECT stream_id, MAX(stream_version), NULL::uuid FROM kiln_events WHERE stream_id = ANY($1)
+             GROUP BY stream_id
+             UNION ALL
+             SELECT NULL, NULL, event_id FROM kiln_events WHERE event_id = ANY($2)",
+        )
+        .bind(&streams)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut versions = std::collections::HashMap::new();
+        let mut stored = std::collections::HashSet::new();
+        for (stream, version, id) in rows {
+            match (stream, version, id) {
+                (Some(s), Some(v), _) => {
+                    versions.insert(s, v);
+                }
+                (_, _, Some(id)) => {
+                    stored.insert(id);
+                }
+                _ => {}
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut results = Vec::with_capacity(group.len());
+        let mut cols = GroupColumns::default();
+        let mut queue = Vec::new();
+        let mut next = head;
+        for a in group {
+            let ids = a.events.iter().map(|e| e.event_id.as_uuid());
+            if ids.clone().any(|id| stored.contains(&id) || !seen.insert(id)) {
+                // A retry or a duplicate: decided alone, after the group (by the same rules as
+                // any single append).
+                results.push(None);
+                continue;
+            }
+            let actual = versions.get(a.stream.as_str()).map(|v| StreamVersion(*v as u64));
+            if !a.expected.admits(actual) {
+                let refused =
+                    StoreError::WrongExpectedVersion { stream: a.stream.clone(), expected: a.expected, actual };
+                results.push(Some(Err(refused)));
+                continue;
+            }
+            let base = actual.map_or(0, |v| v.0 as i64);
+            for (j, (e, payload)) in a.events.iter().zip(&a.payloads).enumerate() {
+                cols.stream.push(a.stream.as_str().to_owned());
+                cols.columns.push(next + j as i64 + 1, base + j as i64 + 1, e, payload.clone());
+            }
+            let n = a.events.len() as i64;
+            versions.insert(a.stream.as_str().to_owned(), base + n);
+            results.push(Some(Ok(AppendResult {
+                first_position: Position((next + 1) as u64),
+                last_position: Position((next + n) as u64),
+                stream_version: StreamVersion((base + n) as u64),
+                written: true,
+            })));
+            next += n;
+            queue.extend(a.queue.iter().cloned());
+        }
+        if next > head {
+            let c = cols.columns;
+            sqlx::query(
+                "INSERT INTO kiln_events (global_position, event_id, stream_id, stream_version, event_type,
+                    schema_version, occurred_at, actor, correlation_id, causation_id, traceparent, payload)
+                 SELECT p, id, s, v, t, sv, o, a, c, ca, tp, pl::jsonb
+                 FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[],
+                             $7::timestamptz[], $8::text[], $9::uuid[], $10::uuid[], $11::text[], $12::text[])
+                      AS u(p, id, s, v, t, sv, o, a, c, ca, tp, pl)",
+            )
+            .bind(c.position)
+            .bind(c.event_id)
+            .bind(cols.stream)
+            .bind(c.version)
+            .bind(c.event_type)
+            .bind(c.schema_version)
+            .bind(c.occurred_at)
+            .bind(c.actor)
+            .bind(c.correlation_id)
+            .bind(c.causation_id)
+            .bind(c.traceparent)
+            .bind(c.payload)
+            .execute(&mut *tx)
+            .await?;
+            crate::queue::apply_postgres(&mut tx, &queue).await?;
+            let pushed = queue.iter().any(|op| matches!(op, QueueOp::Push { .. }));
+            sqlx::query(
+                "WITH h AS (UPDATE kiln_log_head SET position = $1 WHERE id = 1)
+                 SELECT pg_notify($2, $3), CASE WHEN $4 THEN pg_notify($5, '') END",
+            )
+            .bind(next)
+            .bind(CHANNEL)
+            .bind(next.to_string())
+            .bind(pushed)
+            .bind(QUEUE_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            if pushed {
+                self.queue_signal.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            advance_head(&self.head, Position(next as u64));
+        }
+        Ok(results)
+    }
+
+    /// One append in its own transaction.
+    async fn append_alone(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        payloads: Vec<String>,
+        queue: &[QueueOp],
+    ) -> Result<AppendResult> {
+        let events = events.to_vec();
         match self.try_append(stream, expected, &events, payloads, queue).await {
             Err(StoreError::Database(e)) if StoreError::is_unique_violation(&e) => {
                 // A concurrent retry of this very append won, or a later event id is stored.
@@ -369,6 +554,28 @@ impl PgStore {
     pub fn head_watch(&self) -> watch::Receiver<Position> {
         self.head.subscribe()
     }
+}
+
+/// An append waiting for the group commit task.
+struct PendingAppend {
+    stream: StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    /// The events' payloads, encoded (and size-checked) by the caller.
+    payloads: Vec<String>,
+    queue: Vec<QueueOp>,
+    reply: oneshot::Sender<Result<AppendResult>>,
+}
+
+/// Most appends (and events) committed in one group.
+const GROUP_APPENDS: usize = 256;
+const GROUP_EVENTS: usize = 10_000;
+
+/// The columns of a group's events, which belong to several streams.
+#[derive(Default)]
+struct GroupColumns {
+    stream: Vec<String>,
+    columns: Columns,
 }
 
 /// One array per column, for a single multi-row `INSERT ... SELECT FROM UNNEST`.
