@@ -186,8 +186,14 @@ async fn kiln_serve_killed_during_a_run_it_took_over_mcp_finishes_it_after_resta
     let workers = attempt_workers(&store, run).await;
     let (status, claimed_by) = store.job_of(run).await.unwrap().expect("a job row");
     assert_eq!((status.as_str(), claimed_by.as_ref()), ("Running", Some(&workers[0])), "handed to serve's worker");
+    let sandboxes = children_named(server.pid(), "deno");
+    assert!(!sandboxes.is_empty(), "the run executes in a deno child of the server");
     drop(server); // SIGKILL
     call.abort();
+    eventually("the killed server's deno processes exit too", Duration::from_secs(10), || {
+        sandboxes.iter().all(|pid| !alive(*pid))
+    })
+    .await;
     let _restarted = serve(dir.path());
     let api = client(&store);
     let view = wait_end(&api, run, Duration::from_secs(60)).await;
@@ -320,4 +326,31 @@ async fn open_runs(api: &RunEngine, runs: &[RunId]) -> usize {
         }
     }
     open
+}
+
+/// The pids of `parent`'s child processes whose command is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ").map(|(head, rest)| (head.rsplit('(').next().unwrap_or(""), rest))
+        else {
+            continue;
+        };
+        let ppid = rest.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if comm == name && ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether the process runs (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
 }

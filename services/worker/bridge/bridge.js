@@ -18,6 +18,7 @@ const parseJson = JSON.parse;
 const inspect = Deno.inspect;
 const writeSyncRaw = Deno.stdout.writeSync.bind(Deno.stdout);
 const readRaw = Deno.stdin.read.bind(Deno.stdin);
+const exitProcess = Deno.exit.bind(Deno);
 const NotCapable = Deno.errors.NotCapable;
 const TOOL_URL = "tool.ts";
 const WRAP = "export default async function (args, context, ctx) {";
@@ -582,7 +583,9 @@ async function serve() {
   let size = 0;
   for (;;) {
     const n = await readRaw(buf);
-    if (n === null) return;
+    // The host closed stdin or died (even SIGKILLed): stop now, whatever tool code is still
+    // awaiting, rather than live on as an orphan.
+    if (n === null) exitProcess(0);
     let start = 0;
     for (;;) {
       const nl = buf.subarray(start, n).indexOf(10);
