@@ -4,7 +4,7 @@
 Usage: security.py URL ADMIN_KEY READER_KEY NARROW_KEY
   ADMIN_KEY:  scopes admin, allowed host allowed.example.com
   READER_KEY: scope tools:read only
-  NARROW_KEY: tools:write + tools:run + tools:read, allowed host allowed.example.com
+  NARROW_KEY: tools:write + tools:run + tools:read (no runs:read), allowed host allowed.example.com
 """
 
 import asyncio
@@ -78,6 +78,17 @@ async def main():
     challenge = headers.get("www-authenticate", "")
     check(status == 403 and 'error="insufficient_scope"' in challenge and 'scope="tools:write"' in challenge,
           "a key without tools:write: 403 insufficient_scope naming it", (status, headers, body))
+
+    replay = {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+              "params": {"name": "run_replay", "arguments": {"runId": "0192f1a0-0000-7000-8000-000000000000"}}}
+    status, headers, body = post(url, replay, {"Authorization": f"Bearer {narrow}"})
+    challenge = headers.get("www-authenticate", "")
+    check(status == 403 and 'scope="runs:read"' in challenge,
+          "run_replay needs runs:read besides tools:run: it reads the original's arguments and outcome",
+          (status, headers, body))
+    status, headers, body = post(url, replay, {"Authorization": f"Bearer {reader}"})
+    check(status == 403 and 'scope="tools:run"' in headers.get("www-authenticate", ""),
+          "and tools:run: it starts a run", (status, headers, body))
 
     check(get_status(base + "/v1/audit.jsonl") == 401, "the audit export needs a credential")
     check(get_status(base + "/v1/audit.jsonl", reader) == 403, "the audit export needs audit:read")

@@ -81,7 +81,7 @@ impl KilnMcp {
 
     /// A channel whose updates become progress (if the client sent a progress token) and
     /// logging notifications of this request.
-    fn forward_updates(&self, context: &RequestContext<RoleServer>) -> Option<mpsc::Sender<Update>> {
+    pub(super) fn forward_updates(&self, context: &RequestContext<RoleServer>) -> Option<mpsc::Sender<Update>> {
         let (tx, mut rx) = mpsc::channel::<Update>(64);
         let peer = context.peer.clone();
         let token = context.meta.get_progress_token();
