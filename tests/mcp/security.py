@@ -1,10 +1,11 @@
 """Authentication, scopes, host grants and transport guards against a `kiln serve` started with
 `auth.required = true`, through the Python MCP SDK and raw HTTP.
 
-Usage: security.py URL ADMIN_KEY READER_KEY NARROW_KEY
+Usage: security.py URL ADMIN_KEY READER_KEY NARROW_KEY REPLAYER_KEY
   ADMIN_KEY:  scopes admin, allowed host allowed.example.com
   READER_KEY: scope tools:read only
   NARROW_KEY: tools:write + tools:run + tools:read (no runs:read), allowed host allowed.example.com
+  REPLAYER_KEY: tools:read + tools:run + runs:read (no tools:write)
 """
 
 import asyncio
@@ -46,7 +47,7 @@ def get_status(url, token=None):
 
 
 async def main():
-    url, admin, reader, narrow = sys.argv[1:5]
+    url, admin, reader, narrow, replayer = sys.argv[1:6]
     base = url.rsplit("/mcp", 1)[0]
 
     status, headers, _ = post(url, INIT)
@@ -121,6 +122,20 @@ async def main():
         got = await s.call_tool("tool_versions", {"name": "fine"})
         check(got.structured_content["versions"][0]["actor"] == "key:narrow",
               "the key's actor is recorded in the tool's events", got.structured_content)
+        ran = r.meta["kiln/runId"]
+        evaled = (await s.call_tool("code_eval", {"code": "args.n * 3", "arguments": {"n": 2}})).meta["kiln/runId"]
+
+    async with http_session(url, token=replayer) as s:
+        r = await s.call_tool("run_replay", {"runId": ran})
+        rep = r.structured_content
+        check(not r.is_error and rep["status"] == "succeeded" and rep["diff"]["same"],
+              "a key with tools:run and runs:read replays another key's run", (text_of(r), rep))
+        got = await s.call_tool("run_get", {"runId": rep["runId"]})
+        check(got.structured_content["actor"] == "key:replayer" and got.structured_content["replayOf"] == ran,
+              "the replay is the replaying key's run", got.structured_content)
+        r = await s.call_tool("run_replay", {"runId": evaled})
+        check(r.is_error and "tools:write" in text_of(r),
+              "replaying code_eval's one-off code needs tools:write, as code_eval does", text_of(r))
     done()
 
 

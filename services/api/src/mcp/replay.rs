@@ -11,17 +11,18 @@ use std::time::Duration;
 
 use kiln_proto::RunId;
 use kiln_worker::replay::{self, ReplayError, ReplayOptions, ReplayVersion};
-use kiln_worker::runs::{RequestError, RunEngine, RunView};
+use kiln_worker::runs::{RunEngine, RunView};
 use rmcp::RoleServer;
 use rmcp::model::CallToolResult;
 use rmcp::service::RequestContext;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
+use super::call::request_code;
 use super::meta::{parse_run_id, query_error, run_filter};
+use super::schemas::RESERVED_PREFIX;
 use super::{KilnMcp, result};
-use crate::auth::Principal;
+use crate::auth::{Principal, Scope};
 use crate::runs;
 
 #[derive(Deserialize)]
@@ -72,18 +73,6 @@ fn parse_version(v: Option<&Value>) -> Result<ReplayVersion, CallToolResult> {
     }
 }
 
-/// A refused replay request's error code (the same codes `tools/call` uses).
-fn request_code(e: &RequestError) -> &'static str {
-    match e {
-        RequestError::InvalidArguments(_) => "invalid_arguments",
-        RequestError::UnknownTool(_) => "not_found",
-        RequestError::Disabled(_) => "disabled",
-        RequestError::Deleted(_) => "deleted",
-        RequestError::UnknownVersion { .. } => "unknown_version",
-        _ => "internal",
-    }
-}
-
 /// A replay that was requested and is being waited for.
 struct Started {
     original: RunView,
@@ -123,7 +112,7 @@ impl KilnMcp {
                     Ok(id) => id,
                     Err(r) => return r,
                 };
-                let started = match start(engine, original, &opts).await {
+                let started = match start(engine, original, &opts, principal).await {
                     Ok(s) => s,
                     Err(r) => return r,
                 };
@@ -135,7 +124,7 @@ impl KilnMcp {
                     }
                 }
             }
-            (None, Some(_)) => self.replay_many(engine, &a, &opts, budget, context.ct.clone()).await,
+            (None, Some(_)) => self.replay_many(&a, &opts, budget, principal, context).await,
             _ => invalid("name the run to replay (runId), or a tool whose runs to replay in bulk (tool), not both"),
         }
     }
@@ -144,12 +133,15 @@ impl KilnMcp {
     /// first: every replay is requested, then all are waited for together within the budget.
     async fn replay_many(
         &self,
-        engine: &RunEngine,
         a: &ReplayArgs,
         opts: &ReplayOptions,
         budget: Duration,
-        cancel: CancellationToken,
+        principal: &Principal,
+        context: &RequestContext<RoleServer>,
     ) -> CallToolResult {
+        let Some(engine) = &self.services.engine else {
+            return result::error("unavailable", "this server has no run engine", Value::Null);
+        };
         let filter = match run_filter(
             a.tool.as_deref(),
             Some(a.status.as_deref().unwrap_or("failed")),
@@ -179,7 +171,7 @@ impl KilnMcp {
         let mut entries: Vec<Option<Value>> = Vec::new();
         let mut started = Vec::new();
         for run in &selected {
-            match start(engine, run.run_id, opts).await {
+            match start(engine, run.run_id, opts, principal).await {
                 Ok(s) => {
                     started.push((entries.len(), s));
                     entries.push(None);
@@ -187,7 +179,7 @@ impl KilnMcp {
                 Err(r) => entries.push(Some(json!({"replayOf": run.run_id, "notReplayed": refusal(&r)}))),
             }
         }
-        let waits = started.iter().map(|(_, s)| runs::wait(engine, s.run_id, budget, None, cancel.clone()));
+        let waits = started.iter().map(|(_, s)| runs::wait(engine, s.run_id, budget, None, context.ct.clone()));
         for ((i, s), after) in started.iter().zip(futures::future::join_all(waits).await) {
             entries[*i] = Some(match after {
                 Ok(after) => report(&s.original, &after),
@@ -200,12 +192,23 @@ impl KilnMcp {
 }
 
 /// Checks that `original` exists and has ended, and requests its replay.
-async fn start(engine: &RunEngine, original: RunId, opts: &ReplayOptions) -> Result<Started, CallToolResult> {
+async fn start(
+    engine: &RunEngine,
+    original: RunId,
+    opts: &ReplayOptions,
+    caller: &Principal,
+) -> Result<Started, CallToolResult> {
     let view = match engine.view(original).await {
         Ok(Some(v)) => v,
         Ok(None) => return Err(result::error("not_found", &format!("no run {original}"), Value::Null)),
         Err(e) => return Err(result::error("internal", &e.to_string(), Value::Null)),
     };
+    // Running `code_eval`'s one-off code again is running arbitrary code: it needs what
+    // `code_eval` needs.
+    if view.tool.as_str().starts_with(RESERVED_PREFIX) && !caller.has(Scope::ToolsWrite) {
+        let message = format!("run {original} ran code_eval's one-off code; replaying it needs the scope tools:write");
+        return Err(result::error("permission_denied", &message, Value::Null));
+    }
     if !view.is_ended() {
         let message = format!("run {original} has not ended yet ({}); replay it once it has", view.status);
         return Err(result::error("not_ended", &message, Value::Null));
