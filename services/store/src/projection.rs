@@ -14,7 +14,7 @@ mod tx;
 use async_trait::async_trait;
 use kiln_proto::{DomainEvent, RecordedEvent};
 
-pub use rebuild::{Difference, VerifyReport, rebuild, verify};
+pub use rebuild::{Difference, REBUILD_BATCH, VerifyReport, rebuild, verify};
 pub use runner::{ProjectionRunner, ProjectionStatus, RunnerOptions, checkpoint};
 pub use tx::{SqlValue, Stmt, WriteTx};
 

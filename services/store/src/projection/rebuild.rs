@@ -192,6 +192,13 @@ fn read_ahead(store: &Store, projection: &'static str, until: Position, batch_si
 /// Decoded pages `read_ahead` may hold while the writer is busy.
 const READ_AHEAD: usize = 2;
 
+/// The batch size `kiln projections rebuild|verify` use at least (one page read, one scratch
+/// transaction written). Nobody reads the scratch tables, so large transactions cost nothing but
+/// memory (a few pages of decoded events); at 1M events, 5 000 instead of the live runner's
+/// 1 000 almost doubled PostgreSQL's rebuild speed (fewer commits and round trips, fewer runs
+/// straddling two batches).
+pub const REBUILD_BATCH: usize = 5_000;
+
 /// Rebuilds one live projection from the whole log and swaps it in atomically.
 pub async fn rebuild(
     runner: &ProjectionRunner,
@@ -208,10 +215,14 @@ pub async fn rebuild(
         index_scratch(store, p, &prefix).await?;
         let mut tx = store.begin_write().await?;
         lock_checkpoint(&mut tx, p.name()).await?;
+        let locked = std::time::Instant::now();
         let position = scratch.finish(&mut tx, built, store.head().await?).await?;
         swap(&mut tx, p, &prefix).await?;
         set_checkpoint(&mut tx, p.name(), position, p.version()).await?;
         tx.commit().await?;
+        // How long the projection's writers (and, on SQLite, every writer) waited on the swap.
+        let lock_ms = locked.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(projection = p.name(), position = position.0, lock_ms, "rebuilt read model swapped in");
         analyze(store, p).await;
         progress(position.0, position.0);
         Ok(position)
