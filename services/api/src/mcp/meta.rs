@@ -1,9 +1,11 @@
 //! The meta tools: managing the catalog (`tool_*`), running code (`tool_run`, `code_eval`) and
-//! following runs (`run_*`). Each checks its scope, validates its arguments into types, and
-//! answers with structured content; a refusal is a tool error naming what was wrong.
+//! following runs (`run_*`; `run_replay`'s logic is in `replay`). Each checks its scope,
+//! validates its arguments into types, and answers with structured content; a refusal is a tool
+//! error naming what was wrong.
 
 use kiln_proto::tool_state::{Lifecycle, ToolState};
 use kiln_proto::{RunId, ToolName};
+use kiln_store::queries::{self, QueryError};
 use kiln_worker::runs::Cancelled;
 use rmcp::model::CallToolResult;
 use rmcp::service::RequestContext;
@@ -14,14 +16,12 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::call::Call;
+use super::replay::ReplayArgs;
 use super::schemas::RESERVED_PREFIX;
 use super::{KilnMcp, result};
 use crate::auth::{Principal, Scope};
 use crate::catalog::{CatalogError, LifecycleChange, UPDATABLE_FIELDS, version_of};
 use crate::runs;
-use kiln_store::queries::{self, QueryError};
-
-use super::replay::ReplayArgs;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
