@@ -69,13 +69,14 @@ fn auth_scopes_host_grants_and_transport_guards() {
     let admin = create_key(dir.path(), &db, "admin", "admin", &["allowed.example.com"]);
     let reader = create_key(dir.path(), &db, "reader", "tools:read", &[]);
     let narrow = create_key(dir.path(), &db, "narrow", "tools:read,tools:write,tools:run", &["allowed.example.com"]);
+    let replayer = create_key(dir.path(), &db, "replayer", "tools:read,tools:run,runs:read", &[]);
 
     let list = common::run(kiln(dir.path()).env("KILN_DATABASE_URL", &db).args(["keys", "list", "--json"]));
     let listed = common::stdout(&list);
     assert!(listed.contains("\"narrow\"") && !listed.contains(&narrow[21..]), "secrets never listed: {listed}");
 
     let server = serve(dir.path(), &[("KILN_AUTH__REQUIRED", "true")]);
-    let out = run_client("security.py", &[&format!("http://{}/mcp", server.addr), &admin, &reader, &narrow]);
+    let out = run_client("security.py", &[&format!("http://{}/mcp", server.addr), &admin, &reader, &narrow, &replayer]);
     assert!(out.contains(" passed, 0 failed"), "{out}");
     server.terminate();
 

@@ -30,9 +30,12 @@ pub struct HistoryBench {
     /// Events in the log (about).
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
-    /// Events per projection batch.
+    /// Events per batch of the live projections (the catch-up).
     #[arg(long, default_value_t = 1_000)]
     batch: usize,
+    /// Events per batch of a rebuild (as `kiln projections rebuild` uses by default).
+    #[arg(long, default_value_t = projection::REBUILD_BATCH)]
+    rebuild_batch: usize,
     /// Only rebuild this projection (default: each in turn).
     #[arg(long)]
     projection: Option<String>,
@@ -86,7 +89,7 @@ async fn measure(backend: BenchBackend, scratch: &Scratch, b: &HistoryBench) -> 
             continue;
         }
         let start = Instant::now();
-        projection::rebuild(&runner, p.as_ref(), b.batch, &|_, _| {}).await?;
+        projection::rebuild(&runner, p.as_ref(), b.rebuild_batch, &|_, _| {}).await?;
         let secs = start.elapsed().as_secs_f64();
         println!("{label}: rebuild {:<14} {head} events in {secs:.2} s = {:.0} events/s", p.name(), head as f64 / secs);
     }

@@ -15,6 +15,8 @@ pub async fn run(config: &Config, cmd: ProjectionsCommand) -> anyhow::Result<Exi
     let store = open_store(config).await?;
     store.migrate().await?;
     let batch = config.projections.batch_size;
+    // Rebuilds write scratch tables nobody reads: larger batches than the live runner's are free.
+    let rebuild_batch = batch.max(projection::REBUILD_BATCH);
     let selected = |name: Option<String>| -> anyhow::Result<Vec<Arc<dyn Projection>>> {
         Ok(match name {
             Some(n) => vec![projections::by_name(&n)?],
@@ -37,7 +39,7 @@ pub async fn run(config: &Config, cmd: ProjectionsCommand) -> anyhow::Result<Exi
             for p in selected(name)? {
                 let runner = runner_for(&store, &p, batch);
                 let bar = progress_bar(p.name());
-                let at = projection::rebuild(&runner, p.as_ref(), batch, &|done, head| {
+                let at = projection::rebuild(&runner, p.as_ref(), rebuild_batch, &|done, head| {
                     bar.set_length(head);
                     bar.set_position(done);
                 })
@@ -51,7 +53,7 @@ pub async fn run(config: &Config, cmd: ProjectionsCommand) -> anyhow::Result<Exi
             let mut ok = true;
             for p in selected(name)? {
                 let runner = runner_for(&store, &p, batch);
-                let report = projection::verify(&runner, p.as_ref(), batch).await?;
+                let report = projection::verify(&runner, p.as_ref(), rebuild_batch).await?;
                 if report.ok() {
                     println!("{}: ok ({} rows at position {})", report.projection, report.rows, report.position);
                 } else {

@@ -14,7 +14,7 @@ from kiln_client import check, create, done, http_session, stdio_session, text_o
 
 META = {
     "tool_create", "tool_update", "tool_get", "tool_versions", "tool_list", "tool_enable", "tool_disable",
-    "tool_delete", "tool_run", "code_eval", "run_get", "run_list", "run_cancel",
+    "tool_delete", "tool_run", "code_eval", "run_get", "run_list", "run_cancel", "run_replay",
 }
 
 
@@ -148,6 +148,104 @@ async def bad_input(s):
           text_of(r))
 
 
+async def history(s):
+    """run_get's timeline, run_list's filters, run_replay (one run and in bulk) and its refusals."""
+    await create(s, name="halver", description="halves an even n",
+                 code="export default async function (args, ctx) {\n"
+                      "  const seen = await ctx.step('read', async () => ({ n: args.n }));\n"
+                      "  if (seen.n % 2) throw new Error(`odd: ${seen.n}`);\n"
+                      "  return { half: seen.n / 2 };\n}",
+                 retry={"maxAttempts": 1})
+    r = await s.call_tool("halver", {"n": 3})
+    check(r.is_error and "odd: 3" in text_of(r), "the buggy tool fails on odd input", text_of(r))
+    failed = r.meta["kiln/runId"]
+    r = await s.call_tool("halver", {"n": 4})
+    check(r.structured_content == {"half": 2}, "and halves even input", text_of(r))
+
+    got = (await s.call_tool("run_get", {"runId": failed, "includeTimeline": True})).structured_content
+    types = [e["type"] for e in got["timeline"]]
+    check(types[0] == "run.requested" and "run.attempt_failed" in types and types[-1] == "run.failed",
+          "run_get with includeTimeline shows every event of the run", types)
+    step = next(e for e in got["timeline"] if e["type"] == "run.step_completed")
+    check(step["payload"]["key"] == "read" and step["payload"]["result"] == {"n": 3},
+          "the timeline carries the recorded step result", step)
+    check(got["children"] == [] and got["replays"] == [] and got["arguments"] == {"n": 3},
+          "and the run's arguments, children and replays", got)
+    check("timeline" not in (await s.call_tool("run_get", {"runId": failed})).structured_content,
+          "run_get leaves the timeline out unless asked")
+
+    r = await s.call_tool("run_replay", {"runId": failed})
+    rep = r.structured_content
+    check(not r.is_error and rep["replayOf"] == failed and rep["status"] == "failed" and rep["diff"]["same"],
+          "a replay on the recorded version fails the same way", (text_of(r), rep))
+    check(rep["error"]["message"] == "odd: 3" and rep["toolVersion"] == 1, "and reports the error", rep)
+
+    r = await s.call_tool("tool_update", {"name": "halver", "code":
+                          "export default async function (args, ctx) {\n"
+                          "  const seen = await ctx.step('read', async () => ({ n: args.n }));\n"
+                          "  return { half: seen.n / 2 };\n}"})
+    check(not r.is_error, "the fix is published", text_of(r))
+    r = await s.call_tool("run_replay", {"runId": failed, "version": "latest", "reuseSteps": True})
+    rep = r.structured_content
+    changes = {(c["kind"], c["path"]) for c in rep["diff"]["changes"]}
+    check(rep["status"] == "succeeded" and rep["output"] == {"half": 1.5} and rep["toolVersion"] == 2,
+          "a replay on the latest version succeeds", rep)
+    check(changes == {("changed", "/status"), ("removed", "/error"), ("added", "/output")} and not rep["diff"]["same"],
+          "and the diff shows the change", rep["diff"])
+    r = await s.call_tool("run_replay", {"runId": failed, "version": 1, "waitMs": 0})
+    check(not r.is_error and r.structured_content["replayOf"] == failed and "diff" not in r.structured_content,
+          "waitMs 0 answers with the new run's handle", r.structured_content)
+    pending = r.structured_content["runId"]
+    for _ in range(100):
+        got = (await s.call_tool("run_get", {"runId": pending})).structured_content
+        if got["status"] == "failed":
+            break
+        await asyncio.sleep(0.05)
+    check(got["status"] == "failed" and got["replayOf"] == failed, "the handle's run ends on the queue", got)
+
+    actor = got["actor"]
+    runs = (await s.call_tool("run_list", {"tool": "halver", "status": "failed"})).structured_content["runs"]
+    check(len(runs) == 3 and runs[0]["runId"] == pending and runs[-1]["runId"] == failed,
+          "run_list filters by tool and status, newest first", runs)
+    check(sum(1 for r in runs if r.get("replayOf") == failed) == 2, "listed runs name what they replayed", runs)
+    runs = (await s.call_tool("run_list", {"tool": "halver", "actor": actor, "since": "2020-01-01"})).structured_content
+    check(len(runs["runs"]) == 5, "run_list filters by actor and time", runs)
+    runs = (await s.call_tool("run_list", {"tool": "halver", "until": "2020-01-01"})).structured_content
+    check(runs["runs"] == [], "until bounds the request time", runs)
+    r = await s.call_tool("run_list", {"since": "yesterday"})
+    check(r.is_error and "since" in text_of(r), "a bad time is refused naming the field", text_of(r))
+    r = await s.call_tool("run_list", {"cursor": "page-2"})
+    check(r.is_error and "cursor" in text_of(r), "a bad cursor is refused", text_of(r))
+
+    r = await s.call_tool("run_replay", {"tool": "halver", "version": "latest", "limit": 2})
+    bulk = r.structured_content
+    check(not r.is_error and bulk["selected"] == 2 and bulk["more"] == 1, "bulk replay selects failed runs up to limit",
+          bulk)
+    check(bulk["replays"][0]["replayOf"] == failed and all(x["status"] == "succeeded" for x in bulk["replays"]),
+          "oldest first, each replayed on the fix", bulk)
+
+    for args, expect, what in [
+        ({"runId": "0192f1a0-0000-7000-8000-000000000000"}, "no run", "an unknown run id"),
+        ({"runId": "not-a-run"}, "not a run id", "a malformed run id"),
+        ({"runId": failed, "version": "newest"}, "version must be", "a bad version"),
+        ({"runId": failed, "version": 0}, "version must be", "version 0"),
+        ({"runId": failed, "version": 9}, "no version 9", "a version the tool does not have"),
+        ({"runId": failed, "tool": "halver"}, "not both", "runId and tool together"),
+        ({"runId": failed, "status": "failed"}, "with tool", "a bulk filter with runId"),
+        ({"tool": "halver", "limit": 1000}, "limit", "a bulk limit over the maximum"),
+        ({}, "runId", "no run named"),
+    ]:
+        r = await s.call_tool("run_replay", args)
+        check(r.is_error and expect in text_of(r), f"run_replay refuses {what}", text_of(r))
+
+    await s.call_tool("tool_delete", {"name": "halver"})
+    r = await s.call_tool("run_replay", {"runId": failed})
+    check(r.is_error and "deleted" in text_of(r) and failed in text_of(r),
+          "replaying a run of a deleted tool is refused", text_of(r))
+    got = (await s.call_tool("run_get", {"runId": failed, "includeTimeline": True})).structured_content
+    check(len(got["replays"]) == 4, "the original lists its replays", got["replays"])
+
+
 async def notifications_and_content(s, progress, logs):
     await create(s, name="reporter", description="reports progress and logs",
                  code="export default async function (args, ctx) {\n"
@@ -204,6 +302,7 @@ async def main():
     async with session as s:
         await lifecycle(s, changes)
         await bad_input(s)
+        await history(s)
         await notifications_and_content(s, progress, logs)
     done()
 

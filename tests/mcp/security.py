@@ -1,10 +1,11 @@
 """Authentication, scopes, host grants and transport guards against a `kiln serve` started with
 `auth.required = true`, through the Python MCP SDK and raw HTTP.
 
-Usage: security.py URL ADMIN_KEY READER_KEY NARROW_KEY
+Usage: security.py URL ADMIN_KEY READER_KEY NARROW_KEY REPLAYER_KEY
   ADMIN_KEY:  scopes admin, allowed host allowed.example.com
   READER_KEY: scope tools:read only
-  NARROW_KEY: tools:write + tools:run + tools:read, allowed host allowed.example.com
+  NARROW_KEY: tools:write + tools:run + tools:read (no runs:read), allowed host allowed.example.com
+  REPLAYER_KEY: tools:read + tools:run + runs:read (no tools:write)
 """
 
 import asyncio
@@ -46,7 +47,7 @@ def get_status(url, token=None):
 
 
 async def main():
-    url, admin, reader, narrow = sys.argv[1:5]
+    url, admin, reader, narrow, replayer = sys.argv[1:6]
     base = url.rsplit("/mcp", 1)[0]
 
     status, headers, _ = post(url, INIT)
@@ -79,6 +80,17 @@ async def main():
     check(status == 403 and 'error="insufficient_scope"' in challenge and 'scope="tools:write"' in challenge,
           "a key without tools:write: 403 insufficient_scope naming it", (status, headers, body))
 
+    replay = {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+              "params": {"name": "run_replay", "arguments": {"runId": "0192f1a0-0000-7000-8000-000000000000"}}}
+    status, headers, body = post(url, replay, {"Authorization": f"Bearer {narrow}"})
+    challenge = headers.get("www-authenticate", "")
+    check(status == 403 and 'scope="runs:read"' in challenge,
+          "run_replay needs runs:read besides tools:run: it reads the original's arguments and outcome",
+          (status, headers, body))
+    status, headers, body = post(url, replay, {"Authorization": f"Bearer {reader}"})
+    check(status == 403 and 'scope="tools:run"' in headers.get("www-authenticate", ""),
+          "and tools:run: it starts a run", (status, headers, body))
+
     check(get_status(base + "/v1/audit.jsonl") == 401, "the audit export needs a credential")
     check(get_status(base + "/v1/audit.jsonl", reader) == 403, "the audit export needs audit:read")
     check(get_status(base + "/v1/runs", reader) == 403, "run history needs runs:read")
@@ -110,6 +122,20 @@ async def main():
         got = await s.call_tool("tool_versions", {"name": "fine"})
         check(got.structured_content["versions"][0]["actor"] == "key:narrow",
               "the key's actor is recorded in the tool's events", got.structured_content)
+        ran = r.meta["kiln/runId"]
+        evaled = (await s.call_tool("code_eval", {"code": "args.n * 3", "arguments": {"n": 2}})).meta["kiln/runId"]
+
+    async with http_session(url, token=replayer) as s:
+        r = await s.call_tool("run_replay", {"runId": ran})
+        rep = r.structured_content
+        check(not r.is_error and rep["status"] == "succeeded" and rep["diff"]["same"],
+              "a key with tools:run and runs:read replays another key's run", (text_of(r), rep))
+        got = await s.call_tool("run_get", {"runId": rep["runId"]})
+        check(got.structured_content["actor"] == "key:replayer" and got.structured_content["replayOf"] == ran,
+              "the replay is the replaying key's run", got.structured_content)
+        r = await s.call_tool("run_replay", {"runId": evaled})
+        check(r.is_error and "tools:write" in text_of(r),
+              "replaying code_eval's one-off code needs tools:write, as code_eval does", text_of(r))
     done()
 
 

@@ -12,6 +12,7 @@
 
 mod call;
 mod meta;
+mod replay;
 mod result;
 pub mod schemas;
 mod tasks;

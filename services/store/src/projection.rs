@@ -14,7 +14,7 @@ mod tx;
 use async_trait::async_trait;
 use kiln_proto::{DomainEvent, RecordedEvent};
 
-pub use rebuild::{Difference, VerifyReport, rebuild, verify};
+pub use rebuild::{Difference, REBUILD_BATCH, VerifyReport, rebuild, verify};
 pub use runner::{ProjectionRunner, ProjectionStatus, RunnerOptions, checkpoint};
 pub use tx::{SqlValue, Stmt, WriteTx};
 
@@ -34,8 +34,30 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
+    /// The table and its secondary indexes.
     pub fn create_sql(&self, prefix: &str) -> String {
         self.create.replace("{table}", &format!("{prefix}{}", self.name))
+    }
+
+    /// The `CREATE TABLE` statement alone (with its primary key): a rebuild bulk-loads into the
+    /// bare table and indexes it afterwards.
+    pub fn table_sql(&self, prefix: &str) -> String {
+        let table = self.create.split(';').next().unwrap_or_default();
+        table.replace("{table}", &format!("{prefix}{}", self.name))
+    }
+
+    /// Each secondary index as (its name's suffix after the table's name, its `CREATE INDEX`
+    /// statement for the table named `{prefix}{name}`). `create` names every index
+    /// `{table}_suffix`, so the prefixed table's index is the prefixed index.
+    pub fn indexes(&self, prefix: &str) -> Vec<(&'static str, String)> {
+        self.create
+            .split(';')
+            .skip(1)
+            .filter_map(|stmt| {
+                let name = stmt.split_whitespace().find(|w| w.starts_with("{table}"))?;
+                Some((name.strip_prefix("{table}")?, stmt.trim().replace("{table}", &format!("{prefix}{}", self.name))))
+            })
+            .collect()
     }
 }
 
@@ -79,5 +101,32 @@ pub(crate) fn at_position(projection: &str, e: &RecordedEvent, err: crate::Store
             position: e.position.0,
             message: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_splits_into_its_bare_table_and_named_indexes() {
+        let t = TableSpec {
+            name: "runs",
+            create: "CREATE TABLE {table} (run_id TEXT PRIMARY KEY, tool TEXT);
+                CREATE INDEX {table}_by_tool ON {table} (tool, run_id);
+                CREATE UNIQUE INDEX {table}_by_x ON {table} (tool)",
+            columns: &["run_id", "tool"],
+            key: &["run_id"],
+        };
+        assert_eq!(t.table_sql("s_"), "CREATE TABLE s_runs (run_id TEXT PRIMARY KEY, tool TEXT)");
+        assert_eq!(
+            t.indexes("s_"),
+            [
+                ("_by_tool", "CREATE INDEX s_runs_by_tool ON s_runs (tool, run_id)".to_owned()),
+                ("_by_x", "CREATE UNIQUE INDEX s_runs_by_x ON s_runs (tool)".to_owned()),
+            ]
+        );
+        let bare = TableSpec { create: "CREATE TABLE {table} (k TEXT PRIMARY KEY)", ..t };
+        assert!(bare.indexes("").is_empty());
     }
 }

@@ -21,6 +21,7 @@ kiln_store::backend_tests!(
     the_catalog_travels_back_in_time,
     audit_export_over_100000_events,
     rebuilding_every_projection_gives_identical_read_models,
+    readers_during_a_rebuild_see_the_whole_old_or_the_whole_new_read_model,
 );
 
 fn name(n: &str) -> ToolName {
@@ -547,11 +548,93 @@ async fn rebuilding_every_projection_gives_identical_read_models(db: TestDb) {
     }
     live.catch_up().await.unwrap();
     let before = dump(store).await;
+    let objects = schema_objects(store).await;
     assert!(before.iter().all(|(_, rows)| !rows.is_empty()), "every table has rows");
+    // Twice: the second rebuild swaps out tables and indexes that the first one renamed, and
+    // reads the log in pages of 7 events (read ahead of the writer, runs split across batches).
+    for batch in [1_000, 7] {
+        for p in kiln_store::projections::all() {
+            let report = projection::verify(&live, p.as_ref(), batch).await.unwrap();
+            assert!(report.ok(), "{}: {:?}", p.name(), report.differences);
+            projection::rebuild(&live, p.as_ref(), batch, &|_, _| {}).await.unwrap();
+        }
+        assert_eq!(dump(store).await, before, "rebuilt read models are identical to the live ones");
+        assert_eq!(schema_objects(store).await, objects, "the swap leaves the same tables and indexes, by name");
+    }
+    // The live runner carries on in the swapped-in tables.
+    seed_run(store, Seed { tool: "beta", actor: "key:c", ok: false, retries: 2, ..Seed::default() }).await;
+    live.catch_up().await.unwrap();
     for p in kiln_store::projections::all() {
         let report = projection::verify(&live, p.as_ref(), 1_000).await.unwrap();
-        assert!(report.ok(), "{}: {:?}", p.name(), report.differences);
-        projection::rebuild(&live, p.as_ref(), 1_000, &|_, _| {}).await.unwrap();
+        assert!(report.ok(), "{} after the swap: {:?}", p.name(), report.differences);
     }
-    assert_eq!(dump(store).await, before, "rebuilt read models are identical to the live ones");
+    let by_c = RunFilter { actor: Some("key:c".into()), ..RunFilter::default() };
+    let page = runs::list(store, &by_c, None, 10).await.unwrap();
+    assert_eq!(page.runs.len(), 1, "the index-backed filters read the swapped-in table");
+}
+
+/// Every table and index of the database by name (renaming a scratch table must leave no
+/// prefixed name behind, and rebuild every index the live table had).
+async fn schema_objects(store: &Store) -> Vec<String> {
+    let sql = match store.backend() {
+        kiln_store::Backend::Sqlite => "SELECT type || ' ' || name || ' on ' || tbl_name FROM sqlite_master ORDER BY 1",
+        _ => {
+            "SELECT 'table ' || tablename FROM pg_tables WHERE schemaname = current_schema()
+             UNION ALL SELECT 'index ' || indexname || ' on ' || tablename || ': ' || indexdef
+             FROM pg_indexes WHERE schemaname = current_schema() ORDER BY 1"
+        }
+    };
+    let mut tx = store.begin_read().await.unwrap();
+    let rows = tx.fetch_text_rows(sql).await.unwrap();
+    tx.rollback().await.unwrap();
+    rows.into_iter().map(|r| r.into_iter().flatten().collect::<String>()).collect()
+}
+
+/// Row counts of the runs and audit read models, read in one transaction.
+async fn counts(store: &Store) -> kiln_store::Result<Vec<Vec<Option<String>>>> {
+    let mut tx = store.begin_read().await?;
+    let sql = "SELECT CAST((SELECT COUNT(*) FROM runs) AS TEXT), CAST((SELECT COUNT(*) FROM audit_log) AS TEXT),
+        CAST((SELECT COUNT(*) FROM audit_log WHERE actor = 'key:a') AS TEXT)";
+    let rows = tx.fetch_text_rows(sql).await?;
+    tx.rollback().await?;
+    Ok(rows)
+}
+
+/// The swap renames tables and indexes under readers' feet: a reader must never fail on a table
+/// that is being replaced, nor see it empty or half filled.
+async fn readers_during_a_rebuild_see_the_whole_old_or_the_whole_new_read_model(db: TestDb) {
+    use kiln_store::projection::{self, ProjectionRunner, RunnerOptions};
+    let store = &db.store;
+    let live = ProjectionRunner::new(store.clone(), kiln_store::projections::all(), RunnerOptions::default());
+    live.prepare().await.unwrap();
+    publish(store, "alpha", 1, "1").await;
+    for i in 0..60 {
+        let actor = if i % 2 == 0 { "key:a" } else { "key:b" };
+        seed_run(store, Seed { tool: "alpha", actor, ok: i % 3 != 0, retries: 1, ..Seed::default() }).await;
+    }
+    live.catch_up().await.unwrap();
+    let expected = counts(store).await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, done, expected) = (store.clone(), done.clone(), expected.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) || reads == 0 {
+                assert_eq!(counts(&store).await.unwrap(), expected, "read {reads} during the rebuilds");
+                reads += 1;
+                tokio::task::yield_now().await;
+            }
+            reads
+        })
+    };
+    for _ in 0..3 {
+        for name in ["runs", "audit"] {
+            let p = kiln_store::projections::by_name(name).unwrap();
+            projection::rebuild(&live, p.as_ref(), 10, &|_, _| {}).await.unwrap();
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reads = reader.await.unwrap();
+    assert!(reads > 0);
+    assert_eq!(counts(store).await.unwrap(), expected);
 }

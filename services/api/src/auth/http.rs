@@ -365,6 +365,10 @@ mod tests {
         assert_eq!(s(json!({"method": "tools/call", "params": {"name": "tool_create"}})), vec![Scope::ToolsWrite]);
         assert_eq!(s(json!({"method": "tools/call", "params": {"name": "weather"}})), vec![Scope::ToolsRun]);
         assert_eq!(
+            s(json!({"method": "tools/call", "params": {"name": "run_replay"}})),
+            vec![Scope::ToolsRun, Scope::RunsRead]
+        );
+        assert_eq!(
             s(json!([{"method": "tools/list"}, {"method": "tools/call", "params": {"name": "run_get"}}])),
             vec![Scope::ToolsRead, Scope::RunsRead]
         );

@@ -114,7 +114,7 @@ impl KilnMcp {
 
     /// A channel whose updates become progress (if the client sent a progress token) and
     /// logging notifications of this request.
-    fn forward_updates(&self, context: &RequestContext<RoleServer>) -> Option<mpsc::Sender<Update>> {
+    pub(super) fn forward_updates(&self, context: &RequestContext<RoleServer>) -> Option<mpsc::Sender<Update>> {
         let (tx, mut rx) = mpsc::channel::<Update>(64);
         let peer = context.peer.clone();
         let token = context.meta.get_progress_token();
@@ -168,22 +168,31 @@ fn log_level(level: &str) -> LoggingLevel {
     }
 }
 
+/// A refused run request's error code.
+pub(super) fn request_code(e: &RequestError) -> &'static str {
+    match e {
+        RequestError::InvalidArguments(_) => "invalid_arguments",
+        RequestError::UnknownTool(_) => "not_found",
+        RequestError::Disabled(_) => "disabled",
+        RequestError::Deleted(_) => "deleted",
+        RequestError::UnknownVersion { .. } => "unknown_version",
+        RequestError::KeyReused { .. } => "idempotency_key_reused",
+        _ => "internal",
+    }
+}
+
 /// A refused run request as a tool error.
 pub(super) fn request_error(e: &RequestError) -> CallToolResult {
     match e {
         RequestError::InvalidArguments(invalid) => result::error(
-            "invalid_arguments",
+            request_code(e),
             &invalid.to_string(),
             json!({"tool": invalid.tool, "violations": invalid.violations}),
         ),
-        RequestError::UnknownTool(_) => result::error("not_found", &e.to_string(), Value::Null),
-        RequestError::Disabled(_) => result::error("disabled", &e.to_string(), Value::Null),
-        RequestError::Deleted(_) => result::error("deleted", &e.to_string(), Value::Null),
-        RequestError::UnknownVersion { .. } => result::error("unknown_version", &e.to_string(), Value::Null),
-        RequestError::KeyReused { .. } => result::error("idempotency_key_reused", &e.to_string(), Value::Null),
-        other => {
+        other if request_code(other) == "internal" => {
             tracing::error!(error = %other, "run request failed");
             result::error("internal", &format!("cannot start the run: {other}"), Value::Null)
         }
+        other => result::error(request_code(other), &other.to_string(), Value::Null),
     }
 }

@@ -1,9 +1,11 @@
 //! The meta tools: managing the catalog (`tool_*`), running code (`tool_run`, `code_eval`) and
-//! following runs (`run_*`). Each checks its scope, validates its arguments into types, and
-//! answers with structured content; a refusal is a tool error naming what was wrong.
+//! following runs (`run_*`; `run_replay`'s logic is in `replay`). Each checks its scope,
+//! validates its arguments into types, and answers with structured content; a refusal is a tool
+//! error naming what was wrong.
 
 use kiln_proto::tool_state::{Lifecycle, ToolState};
 use kiln_proto::{RunId, ToolName};
+use kiln_store::queries::{self, QueryError};
 use kiln_worker::runs::Cancelled;
 use rmcp::model::CallToolResult;
 use rmcp::service::RequestContext;
@@ -14,11 +16,12 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::call::Call;
+use super::replay::ReplayArgs;
 use super::schemas::RESERVED_PREFIX;
 use super::{KilnMcp, result};
 use crate::auth::{Principal, Scope};
 use crate::catalog::{CatalogError, LifecycleChange, UPDATABLE_FIELDS, version_of};
-use crate::runs::{self, ListQuery};
+use crate::runs;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -75,6 +78,15 @@ struct RunIdArgs {
     run_id: String,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RunGetArgs {
+    run_id: String,
+    /// Add every event of the run (as `kiln runs show`), its children and its replays.
+    #[serde(default)]
+    include_timeline: bool,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RunListArgs {
@@ -82,6 +94,12 @@ struct RunListArgs {
     tool: Option<String>,
     #[serde(default)]
     status: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
     #[serde(default)]
     limit: Option<usize>,
     #[serde(default)]
@@ -97,6 +115,9 @@ pub fn scope_of(tool: &str) -> Option<&'static [Scope]> {
         // Arbitrary code is a tool made and run at once.
         "code_eval" => &[Scope::ToolsRun, Scope::ToolsWrite],
         "run_get" | "run_list" => &[Scope::RunsRead],
+        // Starts runs, with arguments read from the history (which the caller may not otherwise
+        // see), and answers with the original's outcome.
+        "run_replay" => &[Scope::ToolsRun, Scope::RunsRead],
         _ => return None,
     })
 }
@@ -295,47 +316,41 @@ impl KilnMcp {
                 self.eval(a, principal, context).await
             }
             "run_get" => {
-                let a: RunIdArgs = tri!(args(tool, arguments));
+                let a: RunGetArgs = tri!(args(tool, arguments));
                 let run_id = tri!(parse_run_id(&a.run_id));
                 let Some(engine) = &self.services.engine else {
                     return Ok(result::error("unavailable", "this server has no run engine", Value::Null));
                 };
-                match runs::view(engine, run_id).await {
-                    Ok(v) => result::ok(json!(v)),
+                let mut v = match runs::view(engine, run_id).await {
+                    Ok(v) => json!(v),
                     Err(runs::RunsError::NotFound(_)) => {
-                        result::error("not_found", &format!("no run {run_id}"), Value::Null)
+                        return Ok(result::error("not_found", &format!("no run {run_id}"), Value::Null));
                     }
-                    Err(e) => result::error("internal", &e.to_string(), Value::Null),
+                    Err(e) => return Ok(result::error("internal", &e.to_string(), Value::Null)),
+                };
+                if a.include_timeline {
+                    tri!(self.add_history(&mut v, run_id).await);
                 }
+                result::ok(v)
             }
             "run_list" => {
                 let a: RunListArgs = tri!(args(tool, arguments));
-                let tool_name = match a.tool.as_deref().map(ToolName::parse).transpose() {
-                    Ok(t) => t,
-                    Err(e) => return Ok(result::error("invalid_arguments", &e.to_string(), Value::Null)),
+                let filter =
+                    tri!(run_filter(a.tool.as_deref(), a.status.as_deref(), a.since.as_deref(), a.until.as_deref()));
+                let filter = queries::runs::RunFilter { actor: a.actor, ..filter };
+                let store = &self.services.store;
+                let page = async {
+                    runs::caught_up(store).await?;
+                    queries::runs::list(store, &filter, a.cursor.as_deref(), a.limit.unwrap_or(50)).await
                 };
-                if let Some(s) = a.status.as_deref().filter(|s| !runs::STATUSES.contains(s)) {
-                    return Ok(result::error(
-                        "invalid_arguments",
-                        &format!("unknown status {s:?}; one of {}", runs::STATUSES.join(", ")),
-                        Value::Null,
-                    ));
+                match page.await {
+                    Ok(page) => result::ok(json!(page)),
+                    Err(e) => query_error(&e),
                 }
-                let cursor = match a.cursor.as_deref().map(parse_run_id).transpose() {
-                    Ok(c) => c,
-                    Err(r) => return Ok(r),
-                };
-                let q = ListQuery { tool: tool_name, status: a.status, limit: a.limit.unwrap_or(50), cursor };
-                match runs::list(&self.services.store, &q).await {
-                    Ok((runs, next)) => {
-                        let mut v = json!({"runs": runs});
-                        if let Some(n) = next {
-                            v["nextCursor"] = json!(n);
-                        }
-                        result::ok(v)
-                    }
-                    Err(e) => result::error("internal", &e.to_string(), Value::Null),
-                }
+            }
+            "run_replay" => {
+                let a: ReplayArgs = tri!(args(tool, arguments));
+                self.replay(a, principal, context).await
             }
             "run_cancel" => {
                 let a: RunIdArgs = tri!(args(tool, arguments));
@@ -358,6 +373,23 @@ impl KilnMcp {
             }
             other => return Err(McpError::invalid_params(format!("unknown meta tool {other}"), None)),
         })
+    }
+
+    /// Adds a run's timeline (every event of its stream, from the log) and, from the read model,
+    /// its children and replays, as `kiln runs show --json` and `GET /v1/runs/{id}` give them.
+    async fn add_history(&self, v: &mut Value, run_id: RunId) -> Result<(), CallToolResult> {
+        let store = &self.services.store;
+        let history = async {
+            let timeline = queries::runs::timeline(store, run_id).await?;
+            runs::caught_up(store).await?;
+            let detail = queries::runs::get(store, run_id).await?;
+            Ok::<_, QueryError>((timeline, detail))
+        };
+        let (timeline, detail) = history.await.map_err(|e| query_error(&e))?;
+        v["timeline"] = json!(timeline);
+        v["children"] = json!(detail.as_ref().map(|d| &d.children).cloned().unwrap_or_default());
+        v["replays"] = json!(detail.map(|d| d.replays).unwrap_or_default());
+        Ok(())
     }
 
     /// A tool that exists (deleted ones too: their history stays readable).
@@ -428,6 +460,34 @@ impl KilnMcp {
     }
 }
 
-fn parse_run_id(s: &str) -> Result<RunId, CallToolResult> {
+/// The filters `run_list` and a bulk `run_replay` share, validated.
+pub(super) fn run_filter(
+    tool: Option<&str>,
+    status: Option<&str>,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<queries::runs::RunFilter, CallToolResult> {
+    let invalid = |m: String| result::error("invalid_arguments", &m, Value::Null);
+    Ok(queries::runs::RunFilter {
+        tool: tool.map(ToolName::parse).transpose().map_err(|e| invalid(e.to_string()))?,
+        status: status.map(str::parse).transpose().map_err(|e: QueryError| invalid(e.to_string()))?,
+        since: since.map(queries::parse_time).transpose().map_err(|e| invalid(format!("since: {e}")))?,
+        until: until.map(queries::parse_time).transpose().map_err(|e| invalid(format!("until: {e}")))?,
+        ..queries::runs::RunFilter::default()
+    })
+}
+
+/// A failed history query: the caller's mistake (a bad cursor) or the server's.
+pub(super) fn query_error(e: &QueryError) -> CallToolResult {
+    match e {
+        QueryError::Invalid(m) => result::error("invalid_arguments", m, Value::Null),
+        other => {
+            tracing::error!(error = %other, "run history query failed");
+            result::error("internal", &other.to_string(), Value::Null)
+        }
+    }
+}
+
+pub(super) fn parse_run_id(s: &str) -> Result<RunId, CallToolResult> {
     s.parse::<RunId>().map_err(|_| result::error("invalid_arguments", &format!("{s:?} is not a run id"), Value::Null))
 }

@@ -20,6 +20,7 @@ pub const META_TOOLS: &[&str] = &[
     "run_get",
     "run_list",
     "run_cancel",
+    "run_replay",
 ];
 
 pub fn is_meta(name: &str) -> bool {
@@ -88,9 +89,47 @@ fn run_view_output() -> Value {
             "status": {"type": "string"},
             "attempts": {"type": "integer"},
             "output": {},
-            "error": {}
+            "error": {},
+            "arguments": {},
+            "replayOf": {"type": "string"},
+            "parentRun": {"type": "string"},
+            "timeline": {"type": "array", "description": "includeTimeline: every event of the run, in order.", "items": {"type": "object", "properties": {
+                "position": {"type": "integer"}, "streamVersion": {"type": "integer"}, "at": {"type": "string"},
+                "type": {"type": "string"}, "actor": {"type": "string"}, "payload": {}
+            }}},
+            "children": {"type": "array", "items": {"type": "object"}},
+            "replays": {"type": "array", "items": {"type": "object"}}
         },
         "required": ["runId", "tool", "toolVersion", "status", "attempts"]
+    })
+}
+
+fn run_statuses() -> Value {
+    json!(["queued", "running", "retry_scheduled", "succeeded", "failed", "cancelled", "timed_out"])
+}
+
+fn replay_output() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "runId": {"type": "string", "description": "The new run."},
+            "replayOf": {"type": "string", "description": "The run replayed."},
+            "tool": {"type": "string"},
+            "toolVersion": {"type": "integer"},
+            "status": {"type": "string"},
+            "output": {},
+            "error": {"type": "object", "properties": {"kind": {"type": "string"}, "name": {"type": "string"}, "message": {"type": "string"}}},
+            "diff": {"type": "object", "description": "Once the replay has ended: the two outcomes compared.", "properties": {
+                "original": {"type": "object"}, "replay": {"type": "object"}, "same": {"type": "boolean"},
+                "changes": {"type": "array", "items": {"type": "object", "properties": {
+                    "kind": {"type": "string", "enum": ["added", "removed", "changed"]},
+                    "path": {"type": "string", "description": "JSON Pointer into {status, output} or {status, error}."},
+                    "before": {}, "after": {}
+                }, "required": ["kind", "path"]}}
+            }, "required": ["original", "replay", "same", "changes"]},
+            "notReplayed": {"type": "string", "description": "Bulk only: why this run could not be replayed."}
+        },
+        "required": ["replayOf"]
     })
 }
 
@@ -205,17 +244,23 @@ pub fn meta_tools() -> Vec<Value> {
             "annotations": {"openWorldHint": true}
         }),
         json!({
-            "name": "run_get", "title": "Get a run", "description": "A run's status, attempts, and output or error.",
-            "inputSchema": {"type": "object", "properties": {"runId": {"type": "string"}}, "required": ["runId"], "additionalProperties": false},
+            "name": "run_get", "title": "Get a run", "description": "A run's status, attempts, arguments, and output or error. With includeTimeline, also every event of the run (attempts, steps with their recorded results, logs, errors with stack, retry decisions), its child runs and its replays.",
+            "inputSchema": {"type": "object", "properties": {
+                "runId": {"type": "string"},
+                "includeTimeline": {"type": "boolean", "description": "Add timeline, children and replays (as `kiln runs show`)."}
+            }, "required": ["runId"], "additionalProperties": false},
             "outputSchema": run_view_output(),
             "annotations": {"readOnlyHint": true, "openWorldHint": false}
         }),
         json!({
-            "name": "run_list", "title": "List runs", "description": "Runs, newest first, optionally of one tool or in one status. Pass nextCursor back as cursor for the next page.",
+            "name": "run_list", "title": "List runs", "description": "Runs, newest first, filtered by tool, status, actor and request time. Pass nextCursor back as cursor for the next page.",
             "inputSchema": {"type": "object", "properties": {
                 "tool": {"type": "string"},
-                "status": {"type": "string", "enum": ["queued", "running", "retry_scheduled", "succeeded", "failed", "cancelled", "timed_out"]},
-                "limit": {"type": "integer", "minimum": 1, "maximum": 500},
+                "status": {"type": "string", "enum": run_statuses()},
+                "actor": {"type": "string", "description": "Who requested the run: local, key:NAME, jwt:SUB."},
+                "since": {"type": "string", "description": "Requested at or after (RFC 3339 or YYYY-MM-DD, UTC)."},
+                "until": {"type": "string", "description": "Requested before (RFC 3339 or YYYY-MM-DD, UTC)."},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "cursor": {"type": "string"}
             }, "additionalProperties": false},
             "outputSchema": {"type": "object", "properties": {"runs": {"type": "array", "items": {"type": "object"}}, "nextCursor": {"type": "string"}}, "required": ["runs"]},
@@ -226,6 +271,30 @@ pub fn meta_tools() -> Vec<Value> {
             "inputSchema": {"type": "object", "properties": {"runId": {"type": "string"}}, "required": ["runId"], "additionalProperties": false},
             "outputSchema": {"type": "object", "properties": {"runId": {"type": "string"}, "cancelled": {"type": "boolean"}, "status": {"type": "string"}}, "required": ["runId", "cancelled", "status"]},
             "annotations": {"readOnlyHint": false, "destructiveHint": true, "idempotentHint": true, "openWorldHint": false}
+        }),
+        json!({
+            "name": "run_replay", "title": "Replay a run",
+            "description": "Run a past run again with its original arguments, as a new run linked to it by replayOf, and compare the outcomes: the diff lists each change between {status, output} or {status, error} as a JSON Pointer. version picks the tool version (the recorded one by default, \"latest\", or a number), so a fix can be tried on the input that failed; reuseSteps answers durable steps from the original's recorded results so side effects are not repeated. Waits up to waitMs (at most the server's call budget), else answers with the new run's id to follow with run_get. With tool instead of runId, replays that tool's runs in a status (default failed) and time range, oldest first, up to limit, and answers {replays: [...]}.",
+            "inputSchema": {"type": "object", "properties": {
+                "runId": {"type": "string", "description": "The run to replay."},
+                "version": {"oneOf": [{"type": "string", "enum": ["recorded", "latest"]}, {"type": "integer", "minimum": 1}]},
+                "reuseSteps": {"type": "boolean", "description": "Reuse the original's recorded step results (default false: run every step again)."},
+                "waitMs": {"type": "integer", "minimum": 0, "description": "How long to wait for the replay to end (capped by the server's call budget)."},
+                "tool": {"type": "string", "description": "Bulk: replay this tool's runs (instead of runId)."},
+                "status": {"type": "string", "enum": run_statuses(), "description": "Bulk: the runs' status (default failed)."},
+                "since": {"type": "string", "description": "Bulk: requested at or after (RFC 3339 or YYYY-MM-DD)."},
+                "until": {"type": "string", "description": "Bulk: requested before."},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 100, "description": "Bulk: at most this many, oldest first (default 10)."}
+            }, "additionalProperties": false},
+            "outputSchema": {"type": "object", "description": "One replay (runId given), or {replays, selected, more} (tool given).", "properties": {
+                "runId": {"type": "string"}, "replayOf": {"type": "string"}, "tool": {"type": "string"},
+                "toolVersion": {"type": "integer"}, "status": {"type": "string"}, "output": {}, "error": {"type": "object"},
+                "diff": replay_output()["properties"]["diff"].clone(),
+                "replays": {"type": "array", "items": replay_output()},
+                "selected": {"type": "integer"},
+                "more": {"type": "integer", "description": "Matching runs left out by limit."}
+            }},
+            "annotations": {"readOnlyHint": false, "destructiveHint": false, "idempotentHint": false, "openWorldHint": true}
         }),
     ]
 }

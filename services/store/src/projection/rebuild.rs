@@ -1,14 +1,21 @@
 //! Rebuilding a projection from the log, and verifying a live one against a fresh rebuild.
 //!
 //! Both build into scratch tables beside the live ones, so readers keep seeing the live read
-//! model meanwhile. `rebuild` then swaps the result in, in one short transaction that holds the
-//! checkpoint lock; `verify` compares it with the live tables at the same position and drops it.
+//! model meanwhile. The scratch tables are bulk-loaded with only their primary keys; secondary
+//! indexes are built once at the end, which is cheaper than maintaining them row by row.
+//! `rebuild` then swaps the result in by renaming (not copying) the scratch tables, in one
+//! transaction that holds the checkpoint lock: a reader sees the old tables or the new ones,
+//! never a mix. `verify` compares the scratch tables with the live ones at the same position and
+//! drops them.
 
-use futures::TryStreamExt;
-use kiln_proto::Position;
+use futures::StreamExt;
+use kiln_proto::{DomainEvent, Position, RecordedEvent};
 use serde::Serialize;
+use tokio::sync::mpsc;
 
-use super::runner::{apply_events, checkpoint, lock_checkpoint, read_until, set_checkpoint};
+use super::runner::{
+    apply_decoded, apply_events, checkpoint, decode_events, lock_checkpoint, read_until, set_checkpoint,
+};
 use super::{Projection, ProjectionRunner, TableSpec, WriteTx};
 use crate::{EventStore, Result, Store};
 
@@ -59,6 +66,58 @@ async fn drop_tables(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Resu
     Ok(())
 }
 
+/// The scratch tables without their secondary indexes.
+async fn create_bare_tables(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Result<()> {
+    drop_tables(tx, p, prefix).await?;
+    for t in p.tables() {
+        tx.execute_raw(&t.table_sql(prefix)).await?;
+    }
+    Ok(())
+}
+
+/// Replaces the live tables with the scratch ones inside `tx` (which holds the checkpoint lock),
+/// by renaming: nothing is copied.
+///
+/// PostgreSQL: the scratch tables were indexed before the swap (`index_scratch`), under their
+/// prefixed names; renaming the indexes (the primary key's `{table}_pkey` too) gives them the
+/// live names back. SQLite renames a table's primary key index with it but cannot rename an
+/// index, so its secondary indexes are built here, under their final names, once the live
+/// table and its indexes are dropped.
+async fn swap(tx: &mut WriteTx, p: &dyn Projection, prefix: &str) -> Result<()> {
+    let postgres = matches!(tx, WriteTx::Postgres(_));
+    for t in p.tables() {
+        let (live, scratch) = (t.name, format!("{prefix}{}", t.name));
+        tx.execute_raw(&format!("DROP TABLE {live}")).await?;
+        tx.execute_raw(&format!("ALTER TABLE {scratch} RENAME TO {live}")).await?;
+        if postgres {
+            tx.execute_raw(&format!("ALTER INDEX {scratch}_pkey RENAME TO {live}_pkey")).await?;
+            for (suffix, _) in t.indexes(prefix) {
+                tx.execute_raw(&format!("ALTER INDEX {scratch}{suffix} RENAME TO {live}{suffix}")).await?;
+            }
+        } else {
+            for (_, create) in t.indexes("") {
+                tx.execute_raw(&create).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// PostgreSQL: builds the scratch tables' secondary indexes before the swap, outside the
+/// checkpoint lock, so the live projection keeps up meanwhile (see `swap` for SQLite).
+async fn index_scratch(store: &Store, p: &dyn Projection, prefix: &str) -> Result<()> {
+    if store.backend() != crate::Backend::Postgres {
+        return Ok(());
+    }
+    let mut tx = store.begin_write().await?;
+    for t in p.tables() {
+        for (_, create) in t.indexes(prefix) {
+            tx.execute_raw(&create).await?;
+        }
+    }
+    tx.commit().await
+}
+
 /// A rebuild of one projection into scratch tables named with `prefix`.
 struct Scratch<'a> {
     store: &'a Store,
@@ -71,11 +130,12 @@ impl Scratch<'_> {
     /// Builds from the start of the log up to `until`, one transaction per batch.
     async fn build(&self, until: Position, progress: &(dyn Fn(u64, u64) + Send + Sync)) -> Result<Position> {
         let mut tx = self.store.begin_write().await?;
-        recreate_tables(&mut tx, self.p, self.prefix).await?;
+        create_bare_tables(&mut tx, self.p, self.prefix).await?;
         tx.commit().await?;
         let mut position = Position::START;
-        let mut pages = std::pin::pin!(crate::replay(self.store, position, until, self.batch_size));
-        while let Some(events) = pages.try_next().await? {
+        let mut pages = read_ahead(self.store, self.p.name(), until, self.batch_size);
+        while let Some(page) = pages.recv().await {
+            let (events, decoded) = page?;
             let Some(last) = events.last().map(|e| e.position) else { break };
             let mut tx = self.store.begin_write().await?;
             if let WriteTx::Postgres(_) = tx {
@@ -83,7 +143,7 @@ impl Scratch<'_> {
                 // need not wait for the WAL flush; the swap into the live tables does.
                 tx.execute_raw("SET LOCAL synchronous_commit = off").await?;
             }
-            apply_events(&mut tx, self.p, self.prefix, &events).await?;
+            apply_decoded(&mut tx, self.p, self.prefix, &events, decoded).await?;
             tx.commit().await?;
             position = last;
             progress(position.0, until.0);
@@ -103,6 +163,42 @@ impl Scratch<'_> {
     }
 }
 
+/// A decoded page of the log, for `Scratch::build`.
+type Page = Result<(Vec<RecordedEvent>, Vec<DomainEvent>)>;
+
+/// Reads and decodes the log up to `until` in a task of its own, a few pages ahead of the
+/// writer, so reading and decoding the next pages overlaps writing the current one (a stream
+/// polled by the writer would only read while the writer waits for it). The task stops after
+/// an error, or when the receiver is dropped.
+fn read_ahead(store: &Store, projection: &'static str, until: Position, batch_size: usize) -> mpsc::Receiver<Page> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let pages = crate::replay(store, Position::START, until, batch_size);
+    tokio::spawn(async move {
+        let mut pages = std::pin::pin!(pages);
+        while let Some(page) = pages.next().await {
+            let page = page.and_then(|events| {
+                let decoded = decode_events(projection, &events)?;
+                Ok((events, decoded))
+            });
+            let failed = page.is_err();
+            if tx.send(page).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Decoded pages `read_ahead` may hold while the writer is busy.
+const READ_AHEAD: usize = 2;
+
+/// The batch size `kiln projections rebuild|verify` use at least (one page read, one scratch
+/// transaction written). Nobody reads the scratch tables, so large transactions cost nothing but
+/// memory (a few pages of decoded events); at 1M events, 5 000 instead of the live runner's
+/// 1 000 almost doubled PostgreSQL's rebuild speed (fewer commits and round trips, fewer runs
+/// straddling two batches).
+pub const REBUILD_BATCH: usize = 5_000;
+
 /// Rebuilds one live projection from the whole log and swaps it in atomically.
 pub async fn rebuild(
     runner: &ProjectionRunner,
@@ -116,16 +212,17 @@ pub async fn rebuild(
     let result = async {
         let scratch = Scratch { store, p, prefix: &prefix, batch_size };
         let built = scratch.build(store.head().await?, progress).await?;
+        index_scratch(store, p, &prefix).await?;
         let mut tx = store.begin_write().await?;
         lock_checkpoint(&mut tx, p.name()).await?;
+        let locked = std::time::Instant::now();
         let position = scratch.finish(&mut tx, built, store.head().await?).await?;
-        for t in p.tables() {
-            tx.execute_raw(&format!("DELETE FROM {}", t.name)).await?;
-            tx.execute_raw(&format!("INSERT INTO {} SELECT * FROM {prefix}{}", t.name, t.name)).await?;
-        }
+        swap(&mut tx, p, &prefix).await?;
         set_checkpoint(&mut tx, p.name(), position, p.version()).await?;
-        drop_tables(&mut tx, p, &prefix).await?;
         tx.commit().await?;
+        // How long the projection's writers (and, on SQLite, every writer) waited on the swap.
+        let lock_ms = locked.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(projection = p.name(), position = position.0, lock_ms, "rebuilt read model swapped in");
         analyze(store, p).await;
         progress(position.0, position.0);
         Ok(position)

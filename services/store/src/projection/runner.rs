@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use kiln_proto::{Position, RecordedEvent};
+use kiln_proto::{DomainEvent, Position, RecordedEvent};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -229,16 +229,33 @@ pub(super) async fn apply_events(
     prefix: &str,
     events: &[RecordedEvent],
 ) -> Result<()> {
-    let decoded = events
+    let decoded = decode_events(p.name(), events)?;
+    apply_decoded(tx, p, prefix, events, decoded).await
+}
+
+/// Decodes every event of a batch; an unknown or malformed one is an error at its position.
+pub(super) fn decode_events(projection: &str, events: &[RecordedEvent]) -> Result<Vec<DomainEvent>> {
+    events
         .iter()
         .map(|e| {
-            e.decode().map(|d| (e, d)).map_err(|err| StoreError::Projection {
-                projection: p.name().to_owned(),
+            e.decode().map_err(|err| StoreError::Projection {
+                projection: projection.to_owned(),
                 position: e.position.0,
                 message: err.to_string(),
             })
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// Applies a batch `decode_events` decoded.
+pub(super) async fn apply_decoded(
+    tx: &mut WriteTx,
+    p: &dyn Projection,
+    prefix: &str,
+    events: &[RecordedEvent],
+    decoded: Vec<DomainEvent>,
+) -> Result<()> {
+    let decoded: Vec<(&RecordedEvent, DomainEvent)> = events.iter().zip(decoded).collect();
     let first = events.first();
     p.apply_batch(tx, prefix, &decoded).await.map_err(|err| match first {
         Some(e) => super::at_position(p.name(), e, err),
