@@ -139,6 +139,18 @@ async def main(url):
               and state.result["_meta"]["kiln/runId"] == task.task_id,
               "tasks/get gives the run's tools/call result once it ends", state)
 
+        # The proxies answer the same way: tool_run and code_eval past the budget give a task.
+        t = await c.session.call_tool("tool_run", {"name": "slow", "arguments": {}}, allow_claimed=True)
+        check(isinstance(t, CreateTask), "tool_run past the budget gives a task", t)
+        state = await wait_task(c.session, t.task_id)
+        check(state.status == "completed" and state.result["structuredContent"] == {"done": True},
+              "tool_run's task completes with the tool's result", state)
+        t = await c.session.call_tool("code_eval", {"code": SLOW}, allow_claimed=True)
+        check(isinstance(t, CreateTask), "code_eval past the budget gives a task", t)
+        state = await wait_task(c.session, t.task_id)
+        check(state.status == "completed" and state.result["structuredContent"] == {"done": True},
+              "code_eval's task completes with the code's result", state)
+
         # A tool error is a completed task whose result has isError.
         await c.call_tool("tool_create", {"name": "slow_fail", "description": "fails late",
                                            "code": "async () => { await new Promise((r) => setTimeout(r, 1000)); "

@@ -159,8 +159,11 @@ impl ServerHandler for KilnMcp {
         let principal = self.principal(&context)?;
         let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
         let name: Cow<'_, str> = request.name.clone();
+        // A client that declared the tasks extension gets a task for a run that outlives the
+        // budget; any other keeps getting the run handle.
+        let as_task = context.client_capabilities().is_some_and(|c| c.supports_tasks());
         if schemas::is_meta(&name) {
-            return self.call_meta(&name, arguments, &principal, &context).await.map(Into::into);
+            return self.call_meta(&name, arguments, &principal, &context, as_task).await;
         }
         Self::require(&principal, Scope::ToolsRun)?;
         let listed = self.services.live.get(&name).filter(|t| t.lifecycle != Lifecycle::Deleted);
@@ -176,9 +179,6 @@ impl ServerHandler for KilnMcp {
             }
         }
         let call = call::Call { tool: name.into_owned(), arguments, version: None, idempotency_key: None };
-        // A client that declared the tasks extension gets a task for a run that outlives the
-        // budget; any other keeps getting the run handle.
-        let as_task = context.client_capabilities().is_some_and(|c| c.supports_tasks());
         Ok(self.run_tool_or_task(call, &principal, &context, as_task).await)
     }
 

@@ -27,24 +27,9 @@ pub struct Call {
 
 impl KilnMcp {
     /// Runs a tool for `principal` and answers as `tools/call` does. Every failure the caller can
-    /// fix is a tool error (`isError: true`) saying what was wrong.
-    pub(super) async fn run_tool(
-        &self,
-        call: Call,
-        principal: &Principal,
-        context: &RequestContext<RoleServer>,
-    ) -> CallToolResult {
-        match self.run_tool_or_task(call, principal, context, false).await {
-            CallToolResponse::Complete(result) => result,
-            other => {
-                tracing::error!(?other, "a call without tasks answered with something else");
-                result::error("internal", "unexpected answer to a call", Value::Null)
-            }
-        }
-    }
-
-    /// As [`Self::run_tool`]; with `as_task` (the client declared the tasks extension), a run
-    /// still going when the budget runs out is answered with a task instead of a run handle.
+    /// fix is a tool error (`isError: true`) saying what was wrong. With `as_task` (the client
+    /// declared the tasks extension), a run still going when the budget runs out is answered
+    /// with a task instead of a run handle.
     pub(super) async fn run_tool_or_task(
         &self,
         call: Call,

@@ -7,7 +7,7 @@ use kiln_proto::tool_state::{Lifecycle, ToolState};
 use kiln_proto::{RunId, ToolName};
 use kiln_store::queries::{self, QueryError};
 use kiln_worker::runs::Cancelled;
-use rmcp::model::CallToolResult;
+use rmcp::model::{CallToolResponse, CallToolResult};
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer};
 use serde::Deserialize;
@@ -155,16 +155,55 @@ macro_rules! tri {
 }
 
 impl KilnMcp {
+    /// A meta tool's call. `as_task`: the client declared the tasks extension, so `tool_run` and
+    /// `code_eval` answer a run that outlives the budget with a task, as `tools/call` does.
     pub(super) async fn call_meta(
         &self,
         tool: &str,
         arguments: Value,
         principal: &Principal,
         context: &RequestContext<RoleServer>,
-    ) -> Result<CallToolResult, McpError> {
+        as_task: bool,
+    ) -> Result<CallToolResponse, McpError> {
         for scope in scope_of(tool).unwrap_or_default() {
             Self::require(principal, *scope)?;
         }
+        let call = match tool {
+            "tool_run" => self.tool_run_call(arguments),
+            "code_eval" => match args::<EvalArgs>(tool, arguments) {
+                Ok(a) => self.eval_call(a, principal).await,
+                Err(refused) => Err(refused),
+            },
+            _ => return self.call_meta_result(tool, arguments, principal, context).await.map(Into::into),
+        };
+        Ok(match call {
+            Ok(call) => self.run_tool_or_task(call, principal, context, as_task).await,
+            Err(refused) => refused.into(),
+        })
+    }
+
+    /// The call `tool_run` asks for.
+    fn tool_run_call(&self, arguments: Value) -> Result<Call, CallToolResult> {
+        let a: RunArgs = args("tool_run", arguments)?;
+        if a.name.starts_with(RESERVED_PREFIX) {
+            return Err(result::error("not_found", &format!("unknown tool \"{}\"", a.name), Value::Null));
+        }
+        Ok(Call {
+            tool: a.name,
+            arguments: a.arguments.unwrap_or_else(|| json!({})),
+            version: a.version,
+            idempotency_key: a.idempotency_key,
+        })
+    }
+
+    /// The meta tools other than `tool_run` and `code_eval` (scopes already checked).
+    async fn call_meta_result(
+        &self,
+        tool: &str,
+        arguments: Value,
+        principal: &Principal,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let catalog = &self.services.catalog;
         Ok(match tool {
             "tool_create" => {
@@ -298,23 +337,6 @@ impl KilnMcp {
                     .collect();
                 result::ok(json!({"tools": tools}))
             }
-            "tool_run" => {
-                let a: RunArgs = tri!(args(tool, arguments));
-                if a.name.starts_with(RESERVED_PREFIX) {
-                    return Ok(result::error("not_found", &format!("unknown tool \"{}\"", a.name), Value::Null));
-                }
-                let call = Call {
-                    tool: a.name,
-                    arguments: a.arguments.unwrap_or_else(|| json!({})),
-                    version: a.version,
-                    idempotency_key: a.idempotency_key,
-                };
-                self.run_tool(call, principal, context).await
-            }
-            "code_eval" => {
-                let a: EvalArgs = tri!(args(tool, arguments));
-                self.eval(a, principal, context).await
-            }
             "run_get" => {
                 let a: RunGetArgs = tri!(args(tool, arguments));
                 let run_id = tri!(parse_run_id(&a.run_id));
@@ -404,7 +426,7 @@ impl KilnMcp {
 
     /// One-off code: a hidden tool named after the code's hash (created once, reused for the
     /// same code and settings), run like any other, so the run is recorded.
-    async fn eval(&self, a: EvalArgs, principal: &Principal, context: &RequestContext<RoleServer>) -> CallToolResult {
+    async fn eval_call(&self, a: EvalArgs, principal: &Principal) -> Result<Call, CallToolResult> {
         let mut definition = json!({
             "description": "one-off code run by code_eval",
             "code": a.code,
@@ -430,14 +452,14 @@ impl KilnMcp {
                     .map(ToString::to_string)
                     .collect();
                 if !beyond.is_empty() {
-                    return catalog_error(&CatalogError::NetworkBeyondGrant {
+                    return Err(catalog_error(&CatalogError::NetworkBeyondGrant {
                         actor: principal.actor.to_string(),
                         hosts: beyond,
                         allowed: principal.allowed_hosts_display(),
-                    });
+                    }));
                 }
             }
-            Err(e) => return catalog_error(&CatalogError::Invalid(e)),
+            Err(e) => return Err(catalog_error(&CatalogError::Invalid(e))),
         }
         let digest = hex::encode(Sha256::digest(definition.to_string().as_bytes()));
         let name = format!("{RESERVED_PREFIX}eval.{}", &digest[..24]);
@@ -447,16 +469,15 @@ impl KilnMcp {
         if !exists {
             match catalog.create(principal, &definition).await {
                 Ok(_) | Err(CatalogError::AlreadyExists(_)) => {}
-                Err(e) => return catalog_error(&e),
+                Err(e) => return Err(catalog_error(&e)),
             }
         }
-        let call = Call {
+        Ok(Call {
             tool: name,
             arguments: a.arguments.unwrap_or_else(|| json!({})),
             version: None,
             idempotency_key: None,
-        };
-        self.run_tool(call, principal, context).await
+        })
     }
 }
 
