@@ -267,6 +267,28 @@ impl PgStore {
                 _ => {}
             }
         }
+        // Job rows another transaction holds (apalis claiming or acknowledging a batch of jobs):
+        // the group locks the rest without waiting, and appends that change a held row are
+        // appended alone afterwards. Waiting for them here could deadlock: the group changes
+        // several job rows and apalis locks several in its own order.
+        let keys: Vec<String> = group.iter().flat_map(|a| a.queue.iter().map(|op| op.run_id().to_string())).collect();
+        let busy: std::collections::HashSet<String> = if keys.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_scalar(
+                "WITH wanted AS (SELECT id, idempotency_key FROM apalis.jobs
+                                 WHERE job_type = $1 AND idempotency_key = ANY($2)),
+                      got AS (SELECT id FROM apalis.jobs WHERE id IN (SELECT id FROM wanted)
+                              FOR UPDATE SKIP LOCKED)
+                 SELECT idempotency_key FROM wanted WHERE id NOT IN (SELECT id FROM got)",
+            )
+            .bind(crate::queue::QUEUE)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+        };
         let mut seen = std::collections::HashSet::new();
         let mut results = Vec::with_capacity(group.len());
         let mut cols = GroupColumns::default();
@@ -274,9 +296,10 @@ impl PgStore {
         let mut next = head;
         for a in group {
             let ids = a.events.iter().map(|e| e.event_id.as_uuid());
-            if ids.clone().any(|id| stored.contains(&id) || !seen.insert(id)) {
-                // A retry or a duplicate: decided alone, after the group (by the same rules as
-                // any single append).
+            let held = a.queue.iter().any(|op| busy.contains(&op.run_id().to_string()));
+            if held || ids.clone().any(|id| stored.contains(&id) || !seen.insert(id)) {
+                // A retry, a duplicate or a held job row: decided alone, after the group (by
+                // the same rules as any single append).
                 results.push(None);
                 continue;
             }

@@ -36,6 +36,14 @@ impl QueueOp {
     pub fn push(job: RunJob) -> Self {
         Self::Push { job, not_before: None }
     }
+
+    /// The run whose job row this changes.
+    pub fn run_id(&self) -> RunId {
+        match self {
+            Self::Push { job, .. } | Self::PushClaimed { job, .. } => job.run_id,
+            Self::Remove(run_id) => *run_id,
+        }
+    }
 }
 
 /// The connection pool apalis workers use: on SQLite, Kiln's single writer (one writer per
@@ -69,10 +77,7 @@ fn task(job: &RunJob, not_before: Option<DateTime<Utc>>) -> Result<apalis_core::
 
 pub(crate) async fn apply_sqlite(conn: &mut SqliteConnection, ops: &[QueueOp]) -> Result<()> {
     for op in ops {
-        let run_id = match op {
-            QueueOp::Push { job, .. } | QueueOp::PushClaimed { job, .. } => job.run_id,
-            QueueOp::Remove(run_id) => *run_id,
-        };
+        let run_id = op.run_id();
         sqlx::query("DELETE FROM Jobs WHERE job_type = ?1 AND idempotency_key = ?2")
             .bind(QUEUE)
             .bind(run_id.to_string())
@@ -101,10 +106,7 @@ pub(crate) async fn apply_sqlite(conn: &mut SqliteConnection, ops: &[QueueOp]) -
 
 pub(crate) async fn apply_postgres(conn: &mut PgConnection, ops: &[QueueOp]) -> Result<()> {
     for op in ops {
-        let run_id = match op {
-            QueueOp::Push { job, .. } | QueueOp::PushClaimed { job, .. } => job.run_id,
-            QueueOp::Remove(run_id) => *run_id,
-        };
+        let run_id = op.run_id();
         sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1 AND idempotency_key = $2")
             .bind(QUEUE)
             .bind(run_id.to_string())
