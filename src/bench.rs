@@ -61,7 +61,7 @@ pub struct RunsBench {
     /// API): the workers' slots, not the database, then bound throughput. 0: trivial tool.
     #[arg(long, default_value_t = 0)]
     tool_ms: u64,
-    /// With --queue on SQLite: the in-process worker's slots.
+    /// With --queue: each worker's slots (runs at once).
     #[arg(long, default_value_t = 8)]
     worker_concurrency: usize,
     #[arg(long, env = "KILN_TEST_PG_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]

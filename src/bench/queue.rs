@@ -20,9 +20,6 @@ use tokio_util::sync::CancellationToken;
 use super::RunsBench;
 use crate::config::Config;
 
-/// Runs per worker at once.
-const WORKER_CONCURRENCY: usize = 8;
-
 pub(super) async fn run(
     config: &Config,
     b: &RunsBench,
@@ -49,9 +46,9 @@ pub(super) async fn run(
         }
         Backend::Postgres => {
             for _ in 0..b.workers {
-                processes.push(WorkerProcess::start(url)?);
+                processes.push(WorkerProcess::start(url, b.worker_concurrency)?);
             }
-            format!("{} `kiln worker` processes", b.workers)
+            format!("{} `kiln worker` processes, {} slots each", b.workers, b.worker_concurrency)
         }
     };
     let one = |i: usize| {
@@ -131,9 +128,9 @@ fn ms(d: Duration) -> f64 {
 struct WorkerProcess(Child);
 
 impl WorkerProcess {
-    fn start(url: &str) -> anyhow::Result<WorkerProcess> {
+    fn start(url: &str, concurrency: usize) -> anyhow::Result<WorkerProcess> {
         let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args(["worker", "--database-url", url, "--concurrency", &WORKER_CONCURRENCY.to_string()])
+            .args(["worker", "--database-url", url, "--concurrency", &concurrency.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;

@@ -245,10 +245,13 @@ impl PgStore {
         // What the group needs to know, in one round trip: each stream's version, and which of
         // the event ids are stored already (retries).
         let rows: Vec<(Option<String>, Option<i64>, Option<Uuid>)> = sqlx::query_as(
-            "SELECT stream_id, MAX(stream_version), NULL::uuid FROM kiln_events WHERE stream_id = ANY($1)
-             GROUP BY stream_id
+            // Written as one scalar lookup per stream and per id (index probes): `= ANY(...)` and
+            // joins let the planner choose a scan of the whole log (seen: one per group).
+            "SELECT s, (SELECT MAX(stream_version) FROM kiln_events WHERE stream_id = s), NULL::uuid
+             FROM unnest($1::text[]) AS s
              UNION ALL
-             SELECT NULL, NULL, event_id FROM kiln_events WHERE event_id = ANY($2)",
+             SELECT NULL, NULL, (SELECT event_id FROM kiln_events WHERE event_id = i)
+             FROM unnest($2::uuid[]) AS i",
         )
         .bind(&streams)
         .bind(&ids)
