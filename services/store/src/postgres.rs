@@ -279,8 +279,9 @@ impl PgStore {
             Default::default()
         } else {
             sqlx::query_scalar(
-                "WITH wanted AS (SELECT id, idempotency_key FROM apalis.jobs
-                                 WHERE job_type = $1 AND idempotency_key = ANY($2)),
+                "WITH wanted AS (SELECT j.id, j.idempotency_key FROM unnest($2::text[]) AS k
+                                 CROSS JOIN LATERAL (SELECT id, idempotency_key FROM apalis.jobs
+                                                     WHERE job_type = $1 AND idempotency_key = k) j),
                       got AS (SELECT id FROM apalis.jobs WHERE id IN (SELECT id FROM wanted)
                               FOR UPDATE SKIP LOCKED)
                  SELECT idempotency_key FROM wanted WHERE id NOT IN (SELECT id FROM got)",
