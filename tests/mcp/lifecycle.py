@@ -238,6 +238,16 @@ async def history(s):
         r = await s.call_tool("run_replay", args)
         check(r.is_error and expect in text_of(r), f"run_replay refuses {what}", text_of(r))
 
+    # A run still going cannot be replayed yet: replay a slow run without waiting, then ask to
+    # replay that replay while it runs.
+    await create(s, name="napper", description="answers after a while",
+                 code="async () => { await new Promise((r) => setTimeout(r, 1500)); return { ok: true }; }")
+    napped = (await s.call_tool("napper", {})).meta["kiln/runId"]
+    going = (await s.call_tool("run_replay", {"runId": napped, "waitMs": 0})).structured_content["runId"]
+    r = await s.call_tool("run_replay", {"runId": going})
+    check(r.is_error and "has not ended yet" in text_of(r) and going in text_of(r),
+          "replaying a run that has not ended is refused, naming it", text_of(r))
+
     await s.call_tool("tool_delete", {"name": "halver"})
     r = await s.call_tool("run_replay", {"runId": failed})
     check(r.is_error and "deleted" in text_of(r) and failed in text_of(r),
