@@ -10,6 +10,7 @@
 
 mod error;
 mod event_store;
+mod group;
 pub mod limits;
 pub mod migrate;
 pub mod postgres;

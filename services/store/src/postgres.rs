@@ -18,12 +18,13 @@ use kiln_proto::{
 use serde_json::value::RawValue;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
+use crate::group::PendingAppend;
 use crate::queue::{QueueOp, RunFeedMessage};
-use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
+use crate::store::{StoreOptions, advance_head};
 use crate::{AppendResult, ExpectedVersion, Result, StoreError};
 
 const CHANNEL: &str = "kiln_events";
@@ -184,25 +185,12 @@ impl PgStore {
         events: Vec<NewEvent>,
         queue: &[QueueOp],
     ) -> Result<AppendResult> {
-        check_append(stream, &events)?;
-        let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
-        let (reply, answer) = oneshot::channel();
-        let append = PendingAppend { stream: stream.clone(), expected, events, payloads, queue: queue.to_vec(), reply };
-        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
-        self.appends.send(append).map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        crate::group::submit(&self.appends, stream, expected, events, queue).await
     }
 
     /// Commits appends in groups until every handle to the store is gone.
     async fn group_commit(self, mut appends: mpsc::UnboundedReceiver<PendingAppend>) {
-        while let Some(first) = appends.recv().await {
-            let mut events = first.events.len();
-            let mut group = vec![first];
-            while group.len() < GROUP_APPENDS && events < GROUP_EVENTS {
-                let Ok(next) = appends.try_recv() else { break };
-                events += next.events.len();
-                group.push(next);
-            }
+        while let Some(mut group) = crate::group::next_group(&mut appends).await {
             if group.len() == 1 {
                 let a = group.pop().expect("one append");
                 let result = self.append_alone(&a.stream, a.expected, &a.events, a.payloads, &a.queue).await;
@@ -582,21 +570,6 @@ impl PgStore {
         self.head.subscribe()
     }
 }
-
-/// An append waiting for the group commit task.
-struct PendingAppend {
-    stream: StreamId,
-    expected: ExpectedVersion,
-    events: Vec<NewEvent>,
-    /// The events' payloads, encoded (and size-checked) by the caller.
-    payloads: Vec<String>,
-    queue: Vec<QueueOp>,
-    reply: oneshot::Sender<Result<AppendResult>>,
-}
-
-/// Most appends (and events) committed in one group.
-const GROUP_APPENDS: usize = 256;
-const GROUP_EVENTS: usize = 10_000;
 
 /// The columns of a group's events, which belong to several streams.
 #[derive(Default)]

@@ -17,11 +17,12 @@ use kiln_proto::{
 use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use crate::group::PendingAppend;
 use crate::queue::{QueueOp, RunFeedMessage};
-use crate::store::{StoreOptions, advance_head, check_append, encode_payload};
+use crate::store::{StoreOptions, advance_head};
 use crate::{AppendResult, ExpectedVersion, Result, StoreError};
 
 /// Rows per multi-row INSERT: 12 binds each stays far below SQLite's 32,766 variable limit.
@@ -135,13 +136,7 @@ impl SqliteStore {
         events: Vec<NewEvent>,
         queue: &[QueueOp],
     ) -> Result<AppendResult> {
-        check_append(stream, &events)?;
-        let payloads = events.iter().map(encode_payload).collect::<Result<Vec<_>>>()?;
-        let (reply, answer) = oneshot::channel();
-        let append = PendingAppend { stream: stream.clone(), expected, events, payloads, queue: queue.to_vec(), reply };
-        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
-        self.appends.send(append).map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        crate::group::submit(&self.appends, stream, expected, events, queue).await
     }
 
     pub async fn read_stream(
@@ -224,21 +219,6 @@ impl SqliteStore {
     }
 }
 
-/// An append waiting for the writer.
-struct PendingAppend {
-    stream: StreamId,
-    expected: ExpectedVersion,
-    events: Vec<NewEvent>,
-    /// The events' payloads, encoded (and size-checked) by the caller.
-    payloads: Vec<String>,
-    queue: Vec<QueueOp>,
-    reply: oneshot::Sender<Result<AppendResult>>,
-}
-
-/// Most appends (and events) committed in one group.
-const GROUP_APPENDS: usize = 256;
-const GROUP_EVENTS: usize = 10_000;
-
 /// The task that owns the writer for appends; see [`SqliteStore::append_queued`].
 struct GroupCommit {
     writer: SqlitePool,
@@ -258,14 +238,7 @@ enum Staged {
 impl GroupCommit {
     /// Commits appends in groups until every sender is gone.
     async fn run(self, mut appends: mpsc::UnboundedReceiver<PendingAppend>) {
-        while let Some(first) = appends.recv().await {
-            let mut events = first.events.len();
-            let mut group = vec![first];
-            while group.len() < GROUP_APPENDS && events < GROUP_EVENTS {
-                let Ok(next) = appends.try_recv() else { break };
-                events += next.events.len();
-                group.push(next);
-            }
+        while let Some(group) = crate::group::next_group(&mut appends).await {
             self.commit(group).await;
         }
     }
