@@ -373,13 +373,12 @@ impl PgStore {
         payloads: Vec<String>,
         queue: &[QueueOp],
     ) -> Result<AppendResult> {
-        let events = events.to_vec();
-        match self.try_append(stream, expected, &events, payloads, queue).await {
+        match self.try_append(stream, expected, events, payloads, queue).await {
             Err(StoreError::Database(e)) if StoreError::is_unique_violation(&e) => {
                 // A concurrent retry of this very append won, or a later event id is stored.
-                match self.already_stored(stream, &events).await? {
+                match self.already_stored(stream, events).await? {
                     Some(done) => Ok(done),
-                    None => Err(self.duplicate_error(&events).await?),
+                    None => Err(self.duplicate_error(events).await?),
                 }
             }
             other => other,
